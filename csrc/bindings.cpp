@@ -1,0 +1,19 @@
+// The one Python module of the extension: memorymamba._C.
+#include <torch/extension.h>
+
+#include "common/registry.h"
+
+#ifndef MEMORYMAMBA_TORCH_VERSION
+#error "setup.py must define MEMORYMAMBA_TORCH_VERSION"
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("torch_version") = MEMORYMAMBA_TORCH_VERSION;
+#ifdef MEMORYMAMBA_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  bind_selective_scan(m);
+  bind_cross_selective_scan(m);
+}

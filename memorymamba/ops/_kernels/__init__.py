@@ -1,0 +1,1 @@
+"""torch.library custom ops over the compiled kernels (memorymamba._C), one module per op stem."""
