@@ -1,0 +1,59 @@
+"""The coarse / fine memory networks of the Mem-SSM block (paper eq. 15-22, DESIGN section 2.3-2.4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from memorymamba.nn.layers import Mlp
+
+SIMILARITIES = ("cosine", "l1", "l2")
+
+
+def query_hidden_width(dim: int) -> int:
+    """Hidden width of the memory MLPs: an eighth of the channels, at least 16.
+
+    The MLPs only map D channels to a handful of cell logits; D // 8 keeps the memory of
+    memorymamba_tiny at ~4% of VMamba-T's parameters (D // 4 would add ~8%).
+    """
+    return max(dim // 8, 16)
+
+
+class MemoryNetwork(nn.Module):
+    """One memory network: query MLP -> softmax over `size` cells -> readout v -> (fused) memory vector.
+
+    Parameters (all removed with the network): `query.fc1`, `query.fc2` (the MLP producing the query
+    logits h), `cells` (size, dim) the memory M, `scale` (1,) the learnable weight of the fused vector
+    (only with fusion), and `proj` (an MLP dim -> dim of the readout, only for the fine network, used
+    by the InfoNCE loss).
+
+    With fusion the block adds `scale * beta * v` (beta = similarity(v, p)); without it the readout
+    v is added unweighted, so fusion owns exactly `scale` and the similarity weighting.
+    """
+
+    def __init__(self, dim: int, size: int, *, similarity: str = "cosine", fusion: bool = True,
+                 projection: bool = False, hidden: int | None = None, scale_init: float = 0.1,
+                 cell_std: float = 0.02):
+        super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        hidden = hidden or query_hidden_width(dim)
+        self.dim, self.size, self.similarity, self.fusion = dim, size, similarity, fusion
+        self.query = Mlp(dim, hidden, size, channel_first=False)
+        # Small cells keep a freshly added memory from disturbing a pretrained backbone at the start.
+        self.cells = nn.Parameter(torch.empty(size, dim))
+        nn.init.trunc_normal_(self.cells, std=cell_std)
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init))) if fusion else None
+        self.proj = Mlp(dim, hidden, dim, channel_first=False) if projection else None
+
+    def forward(self, p: torch.Tensor, *, backend: str | None = None):
+        """p (B, dim) pooled features -> (add (B, dim), h (B, size) query logits, v (B, dim) readout)."""
+        from memorymamba import ops
+
+        w, h, v = ops.memory_attention(
+            p, self.query.fc1.weight, self.query.fc1.bias, self.query.fc2.weight, self.query.fc2.bias,
+            self.cells, self.similarity, backend=backend)
+        add = self.scale * w if self.fusion else v
+        return add, h, v
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, size={self.size}, similarity={self.similarity!r}, fusion={self.fusion}"
