@@ -1,0 +1,85 @@
+"""cross_selective_scan (VMamba's SS2D core): the fused kernel vs the unfused pipeline, the fast
+pure-PyTorch pipeline, the loop reference and mamba_ssm's scan in the unfused pipeline.
+
+Parameters are fp32 (as model parameters are); x has the benchmarked dtype. The unfused pipeline is
+what VMamba's forward_corev2 does: PyTorch cross-scan, x_proj and dt_proj einsums in x's dtype (as
+autocast would run them), a selective-scan kernel, PyTorch cross-merge.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench import common
+from bench.harness import Case, Provider, cross_selective_scan_bytes, scan_flops
+
+REF_MAX_WORK = 500_000  # batch * 4D * L for the loop reference
+REF_MAX_L = 256
+
+
+def unfused_pipeline(scan):
+    """SS2D core from separate steps; `scan` has selective_scan_fn's positional signature."""
+    from memorymamba import ops
+
+    def core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+        B, D, H, W = x.shape
+        K, L, N = common.K_DIRECTIONS, H * W, A_logs.shape[1]
+        R = x_proj_weight.shape[1] - 2 * N
+        xs = ops.cross_scan(x, backend="torch")
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.to(x.dtype))
+        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight.to(x.dtype))
+        ys = scan(xs.reshape(B, K * D, L), dts.reshape(B, K * D, L), -torch.exp(A_logs.float()),
+                  Bs.contiguous(), Cs.contiguous(), Ds.float(), None, dt_projs_bias.float().reshape(K * D), True)
+        return ops.cross_merge(ys.reshape(B, K, D, L), H, W, backend="torch")
+    return core
+
+
+def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, device: str,
+              modes=("fwd", "bwd", "fwd+bwd")) -> Case:
+    from memorymamba import ops
+
+    K, L, R = common.K_DIRECTIONS, side * side, common.dt_rank(dim)
+
+    def make_inputs():
+        def param(*shape, scale=1.0, shift=0.0):
+            return (torch.randn(*shape, device=device) * scale + shift).requires_grad_()
+        x = torch.randn(batch, dim, side, side, device=device, dtype=dtype, requires_grad=True)
+        # VMamba's init scales: x_proj ~ 1/sqrt(D), dt_proj ~ 1/sqrt(R), dt bias so softplus gives ~0.01,
+        # A = -(1..N) jittered, D ~ 1.
+        x_proj_weight = param(K, R + 2 * N, dim, scale=dim ** -0.5)
+        dt_projs_weight = param(K, dim, R, scale=R ** -0.5)
+        dt_projs_bias = param(K, dim, scale=0.5, shift=-4.6)
+        A_logs = (torch.log(torch.arange(1, N + 1, device=device, dtype=torch.float32)).repeat(K * dim, 1)
+                  + 0.1 * torch.randn(K * dim, N, device=device)).requires_grad_()
+        Ds = param(K * dim, scale=0.1, shift=1.0)
+        return x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds
+
+    providers = [Provider(f"fused-{device}",
+                          lambda *a: ops.cross_selective_scan(*a, backend=device),
+                          common.backend_why_not("cross_selective_scan", device))]
+    providers.append(Provider(
+        f"unfused-{device}",
+        unfused_pipeline(lambda *a: ops.selective_scan_fn(*a, backend=device)),
+        common.backend_why_not("selective_scan", device), baseline=True))
+    providers.append(Provider("torch", lambda *a: ops.cross_selective_scan(*a, backend="torch"), baseline=True))
+    if batch * K * dim * L <= REF_MAX_WORK and L <= REF_MAX_L:
+        providers.append(Provider("ref", ops.cross_selective_scan_ref, baseline=True))
+    if device == "cuda":
+        fn, why = common.mamba_ssm_scan()
+        providers.append(Provider("unfused-mamba_ssm", unfused_pipeline(fn) if fn else None, why, baseline=True))
+
+    def flops(mode):
+        proj = 2 * batch * L * K * dim * (R + 2 * N) + 2 * batch * L * K * dim * R
+        return scan_flops(batch, K * dim, L, N, mode) + {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * proj
+
+    return Case(
+        op="cross_selective_scan",
+        shape=dict(batch=batch, dim=dim, H=side, W=side, N=N, R=R),
+        dtype=dtype, providers=providers, make_inputs=make_inputs, modes=modes,
+        bytes_fn=lambda mode: cross_selective_scan_bytes(batch, dim, L, N, R, dtype, mode),
+        flops_fn=flops)
+
+
+def case(g: dict, device: str) -> Case:
+    """The case of one bench.suites grid entry."""
+    return make_case(g["batch"], g["dim"], g["side"], g["N"], g["dtype"], device, g["modes"])
