@@ -74,12 +74,14 @@ def _extensions():
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     jobs = os.environ.get("MAX_JOBS", "")
-    cxx = ["-O3", "-std=c++17", f'-DMEMORYMAMBA_TORCH_VERSION="{torch.__version__}"']
+    # -fopenmp: without it at::parallel_for (an inline header) compiles to a serial loop in our
+    # files; the GOMP symbols resolve to the libgomp that torch already loads.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", f'-DMEMORYMAMBA_TORCH_VERSION="{torch.__version__}"']
     define = []
     if with_cuda:
         define.append(("MEMORYMAMBA_WITH_CUDA", None))
         nvcc = [
-            "-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", "--use_fast_math",
+            "-O3", "-std=c++20", "-lineinfo", "-Xptxas=-v", "--use_fast_math",
             "--expt-relaxed-constexpr", "--expt-extended-lambda",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
