@@ -51,6 +51,16 @@ if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # must be set before torch.utils.cpp_extension is imported
 
 
+def _pip_cuda_includes():
+    """Library headers (cusparse.h, cublas_v2.h) that ATen's CUDA headers include, from the pip
+    nvidia wheels that a CUDA build of torch installs, when the toolkit itself lacks them."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
+    import sysconfig
+    found = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include", "cusparse.h"))
+    return [os.path.dirname(found[0])] if found else []
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -71,12 +81,21 @@ def _extensions():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if with_cuda:
+        include_dirs += _pip_cuda_includes()
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     jobs = os.environ.get("MAX_JOBS", "")
     # -fopenmp: without it at::parallel_for (an inline header) compiles to a serial loop in our
     # files; the GOMP symbols resolve to the libgomp that torch already loads.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", f'-DMEMORYMAMBA_TORCH_VERSION="{torch.__version__}"']
+    # The archs the CUDA kernels are compiled for, as `_C.cuda_archs` ("" for a CPU-only build).
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+    archs = ";".join(a for a in archs.replace(" ", ";").split(";") if a)
+    versions = [f'-DMEMORYMAMBA_TORCH_VERSION="{torch.__version__}"',
+                f'-DMEMORYMAMBA_CUDA_ARCHS="{archs}"']
+    # torch >= 2.10 headers require C++20.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", *versions]
     define = []
     if with_cuda:
         define.append(("MEMORYMAMBA_WITH_CUDA", None))
@@ -86,12 +105,12 @@ def _extensions():
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
-            f'-DMEMORYMAMBA_TORCH_VERSION="{torch.__version__}"',
+            *versions,
             f"--threads={jobs or 1}",
         ]
         ext = CUDAExtension(
             "memorymamba._C", sources + cuda_sources, define_macros=define,
-            include_dirs=[os.path.join(HERE, "csrc")],
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         )
         print(f"memorymamba: building CPU + CUDA kernels (CUDA_HOME={CUDA_HOME}, "
@@ -99,7 +118,7 @@ def _extensions():
     else:
         ext = CppExtension(
             "memorymamba._C", sources, define_macros=define,
-            include_dirs=[os.path.join(HERE, "csrc")],
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
         )
         print(f"memorymamba: building CPU kernels only ({why_no_cuda})")

@@ -11,8 +11,14 @@
 // TODO(k1): remove once cross_selective_scan.cpp lands.
 __attribute__((weak)) void bind_cross_selective_scan(pybind11::module_&) {}
 
+#ifndef MEMORYMAMBA_CUDA_ARCHS
+#define MEMORYMAMBA_CUDA_ARCHS ""
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = MEMORYMAMBA_TORCH_VERSION;
+  // TORCH_CUDA_ARCH_LIST at build time, e.g. "8.0;9.0"; "" without CUDA kernels.
+  m.attr("cuda_archs") = MEMORYMAMBA_CUDA_ARCHS;
 #ifdef MEMORYMAMBA_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
