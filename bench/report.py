@@ -210,7 +210,18 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--update", action="store_true", help=f"rewrite the marker blocks of {README}")
     ap.add_argument("--readme", default=README, help="README to update (default: the repo's)")
+    ap.add_argument("--results", default=None,
+                    help="report one JSONL file instead (its latest rows of --suite, with the checks)")
+    ap.add_argument("--suite", default=None, help="with --results: only rows of this suite")
     args = ap.parse_args(argv)
+    if args.results:
+        rows = latest(load_rows(args.results), args.suite)
+        if not rows:
+            print(f"no rows{' of suite ' + args.suite if args.suite else ''} in {args.results}")
+            return 1
+        print(_machine_line(rows) + "\n\n" + compact_table(rows) + "\n")
+        print("\n".join(f"- {c}" for c in criteria_lines(rows)))
+        return 0
     for kind in ("cpu", "gpu"):
         print(f"<!-- bench:{kind}:start -->\n{section(kind)}\n<!-- bench:{kind}:end -->\n")
     if args.update:
