@@ -158,7 +158,8 @@ class MemoryMamba(nn.Module):
             coarse_memory_size=cfg["coarse_memory_size"] if cfg["use_coarse_memory"] else 0,
             fine_memory_size=cfg["fine_memory_size"] if cfg["use_fine_memory"] else 0,
             fusion=cfg["use_fusion"], similarity=cfg["similarity"], backend=cfg["backend"])
-        drop_rates = torch.linspace(0, cfg["drop_path_rate"], sum(depths)).tolist()
+        n_blocks = sum(depths)  # stochastic depth rising linearly from 0 to drop_path_rate, as VMamba
+        drop_rates = [cfg["drop_path_rate"] * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):
             rates = drop_rates[sum(depths[:i]):sum(depths[:i + 1])]

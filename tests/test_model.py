@@ -1,0 +1,235 @@
+"""The MemoryMamba model: configs, parameter sets of the ablation switches, forward/backward, the
+memory path against a functional re-composition with the reference ops, and argument errors."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memorymamba
+from memorymamba import ops
+from memorymamba.model import MemoryAux, model_config
+from memorymamba.nn import SS2D, MemSS2D
+from tests.conftest import assert_close
+
+MEMORY_OFF = dict(use_coarse_memory=False, use_fine_memory=False, use_fusion=False)
+# Parameter counts of VMamba's own vmamba_{tiny_s1l8, small_s1l20, base_s1l20} (1000 classes), counted
+# from MzeroMiko/VMamba classification/models/vmamba.py; memory off, ours must be the same network.
+VMAMBA_PARAMS = {"memorymamba_tiny": 30_249_064, "memorymamba_small": 49_012_840, "memorymamba_base": 86_614_504}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def names(model):
+    return {n for n, _ in model.named_parameters()}
+
+
+def test_list_models():
+    assert memorymamba.list_models() == ["memorymamba_base", "memorymamba_nano", "memorymamba_small",
+                                         "memorymamba_tiny"]
+
+
+@pytest.mark.parametrize("name", ["memorymamba_nano", "memorymamba_tiny", "memorymamba_small", "memorymamba_base"])
+def test_full_config_parameter_count(name):
+    with torch.device("meta"):  # shapes only: counting needs no storage or initialisation
+        with_memory = n_params(memorymamba.create_model(name))
+        without = n_params(memorymamba.create_model(name, **MEMORY_OFF))
+    print(f"{name}: {with_memory:,} parameters with memory, {without:,} without "
+          f"(+{100 * (with_memory / without - 1):.1f}%)")
+    if name in VMAMBA_PARAMS:
+        assert without == VMAMBA_PARAMS[name]
+    assert without < with_memory < 1.06 * without
+
+
+def test_named_config_values():
+    tiny = model_config("memorymamba_tiny")
+    assert tiny["dims"] == [96, 192, 384, 768] and tiny["depths"] == [2, 2, 8, 2]
+    assert (tiny["d_state"], tiny["ssm_ratio"], tiny["mlp_ratio"], tiny["drop_path_rate"]) == (1, 1.0, 4.0, 0.2)
+    assert model_config("memorymamba_small")["depths"] == [2, 2, 20, 2]
+    base = model_config("memorymamba_base")
+    assert base["dims"][0] == 128 and base["drop_path_rate"] == 0.5
+    model = memorymamba.create_model("memorymamba_tiny")
+    op = model.layers[2].blocks[0].op
+    assert (op.d_inner, op.dt_rank, op.d_state) == (384, 24, 1)  # dt_rank = ceil(384 / 16)
+    assert op.conv2d.bias is None and op.in_proj.bias is None
+
+
+@pytest.mark.parametrize("name", ["memorymamba_nano", "memorymamba_tiny", "memorymamba_small", "memorymamba_base"])
+def test_forward_backward_small_resolution(name):
+    # Reduced depths keep the CPU time down; widths and every layer type are the config's own.
+    model = memorymamba.create_model(name, num_classes=5, depths=[1, 1, 1, 1], backend="torch")
+    model.train()
+    x = torch.randn(2, 3, 33, 29)
+    target = torch.tensor([1, 3])
+    logits, aux = model(x, return_aux=True)
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    loss, parts = memorymamba.MemoryMambaLoss()(logits, target, aux)
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, f"parameters without a finite gradient: {no_grad}"
+    assert all(torch.isfinite(v) for v in parts.values())
+
+
+def test_aux_contents():
+    model = memorymamba.create_model("memorymamba_nano", num_classes=3, depths=[1, 2, 1, 1], backend="torch")
+    logits, aux = model(torch.randn(3, 3, 40, 36), return_aux=True)
+    assert isinstance(aux, MemoryAux) and len(aux.blocks) == 5
+    dims = model.config["dims"]
+    stage_of_block = [0, 1, 1, 2, 3]
+    for block, stage in zip(aux.blocks, stage_of_block):
+        assert block.coarse_logits.shape == (3, 4)
+        assert block.pooled.shape == block.fine_proj.shape == (3, dims[stage])
+    assert len(aux.coarse) == len(aux.fine) == 5
+    only_coarse = memorymamba.create_model("memorymamba_nano", use_fine_memory=False, backend="torch")
+    _, aux = only_coarse(torch.randn(2, 3, 32, 32), return_aux=True)
+    assert len(aux.coarse) == 5 and aux.fine == []
+    vmamba = memorymamba.create_model("memorymamba_nano", **MEMORY_OFF, backend="torch")
+    _, aux = vmamba(torch.randn(2, 3, 32, 32), return_aux=True)
+    assert aux.coarse == [] and aux.fine == []
+
+
+def test_return_aux_does_not_change_logits():
+    model = memorymamba.create_model("memorymamba_nano", num_classes=4, backend="torch").eval()
+    x = torch.randn(2, 3, 37, 31)
+    with torch.no_grad():
+        plain = model(x)
+        with_aux, _ = model(x, return_aux=True)
+    assert torch.equal(plain, with_aux)
+
+
+def test_ablation_switches_remove_exactly_their_parameters():
+    full = names(memorymamba.create_model("memorymamba_nano"))
+    coarse = {n for n in full if ".coarse_memory." in n}
+    fine = {n for n in full if ".fine_memory." in n}
+    fusion = {n for n in full if n.endswith("_memory.scale")}
+    assert coarse and fine and fusion and fusion <= coarse | fine
+    assert all(n.endswith(("query.fc1.weight", "query.fc1.bias", "query.fc2.weight", "query.fc2.bias", "cells",
+                           "scale", "proj.fc1.weight", "proj.fc1.bias", "proj.fc2.weight", "proj.fc2.bias"))
+               for n in coarse | fine)
+    assert not any(".proj." in n for n in coarse) and any(".proj." in n for n in fine)
+    cases = {
+        "use_coarse_memory": coarse, "use_fine_memory": fine, "use_fusion": fusion,
+    }
+    for switch, owned in cases.items():
+        reduced = names(memorymamba.create_model("memorymamba_nano", **{switch: False}))
+        assert reduced <= full, f"{switch}=False added parameters {reduced - full}"
+        assert full - reduced == owned, f"{switch}=False removed {sorted(full - reduced)[:4]}..."
+    vmamba = names(memorymamba.create_model("memorymamba_nano", **MEMORY_OFF))
+    assert vmamba == full - coarse - fine
+    # Memory sizes change only the memory shapes.
+    bigger = memorymamba.create_model("memorymamba_nano", coarse_memory_size=7, fine_memory_size=3)
+    assert names(bigger) == full
+    assert bigger.layers[0].blocks[0].op.coarse_memory.cells.shape == (7, 32)
+    assert bigger.layers[0].blocks[0].op.fine_memory.query.fc2.weight.shape == (3, 16)
+
+
+def _ss2d_by_hand(op: SS2D, x: torch.Tensor) -> torch.Tensor:
+    """The Mem-SSM mixer written out with the reference ops (DESIGN section 2, steps 1-6)."""
+    f = F.conv2d(x, op.in_proj.weight[:, :, None, None])
+    f = F.conv2d(f, op.conv2d.weight, None, padding=1, groups=f.shape[1])
+    p = f.mean(dim=(2, 3))
+    for mem in (op.coarse_memory, op.fine_memory):
+        if mem is None:
+            continue
+        w, _, v = ops.memory_attention_ref(p, mem.query.fc1.weight, mem.query.fc1.bias, mem.query.fc2.weight,
+                                           mem.query.fc2.bias, mem.cells, mem.similarity)
+        f = f + (mem.scale * w if mem.fusion else v)[:, :, None, None]
+    y = ops.cross_selective_scan_ref(F.silu(f), op.x_proj_weight, op.dt_projs_weight, op.dt_projs_bias,
+                                     op.A_logs, op.Ds)
+    y = F.layer_norm(y.permute(0, 2, 3, 1), (y.shape[1],), op.out_norm.weight, op.out_norm.bias).permute(0, 3, 1, 2)
+    return F.conv2d(y, op.out_proj.weight[:, :, None, None])
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "l1", "l2"])
+@pytest.mark.parametrize("fusion", [True, False])
+@pytest.mark.parametrize("memories", [(3, 5), (2, 0), (0, 6)])
+def test_memss2d_matches_hand_composition(similarity, fusion, memories):
+    op = SS2D(d_model=12, d_state=2, ssm_ratio=1.5, conv_bias=False, coarse_memory_size=memories[0],
+              fine_memory_size=memories[1], fusion=fusion, similarity=similarity, backend="torch")
+    with torch.no_grad():  # cells large enough that the memory visibly changes the output
+        for mem in (op.coarse_memory, op.fine_memory):
+            if mem is not None:
+                mem.cells.normal_()
+                if fusion:
+                    mem.scale.fill_(0.7)
+    x = torch.randn(2, 12, 5, 7)
+    out = op(x)
+    assert_close("MemSS2D vs hand composition", out, _ss2d_by_hand(op, x), rtol=1e-4, atol=1e-5)
+    # The memory must matter: the same weights without it give a different output.
+    plain = SS2D(d_model=12, d_state=2, ssm_ratio=1.5, conv_bias=False, backend="torch")
+    plain.load_state_dict(op.state_dict(), strict=False)
+    assert (plain(x) - out).abs().max() > 1e-3
+
+
+def test_ss2d_accepts_vmamba_arguments_and_channel_last():
+    kwargs = dict(d_model=20, d_state=1, ssm_ratio=1.0, dt_rank="auto", act_layer=nn.SiLU, d_conv=3,
+                  conv_bias=False, dropout=0.0, bias=False, dt_min=0.001, dt_max=0.1, dt_init="random",
+                  dt_scale=1.0, dt_init_floor=1e-4, initialize="v0", forward_type="v05_noz")
+    first = SS2D(channel_first=True, backend="torch", **kwargs)
+    last = SS2D(channel_first=False, backend="torch", **kwargs)
+    last.load_state_dict(first.state_dict())
+    assert {k: v.shape for k, v in first.state_dict().items()} == {k: v.shape for k, v in last.state_dict().items()}
+    x = torch.randn(2, 20, 6, 5)
+    assert_close("channel-last SS2D", last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), first(x), rtol=1e-5, atol=1e-6)
+    assert first.dt_rank == 2 and first.A_logs.shape == (80, 1) and torch.equal(first.Ds, torch.ones(80))
+    sp = F.softplus(first.dt_projs_bias)
+    assert sp.min() >= 1e-4 and sp.max() <= 0.1 + 1e-6  # dt in [dt_min, dt_max] after softplus
+    with pytest.raises(ValueError, match="forward_type"):
+        SS2D(d_model=8, forward_type="v2")
+    mem = MemSS2D(d_model=8, d_state=1, ssm_ratio=1.0)
+    assert mem.coarse_memory.size == 4 and mem.fine_memory.size == 8
+
+
+def test_drop_path_only_in_training():
+    model = memorymamba.create_model("memorymamba_nano", drop_path_rate=0.5, num_classes=3, depths=[1, 1, 1, 2],
+                                     backend="torch")
+    x = torch.randn(8, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    # P(two draws of 8 samples x 4 stochastic blocks coincide) is negligible.
+    assert (first - second).abs().max() > 1e-6
+
+
+def test_in_chans_and_backend():
+    model = memorymamba.create_model("memorymamba_nano", in_chans=1, num_classes=6, backend="torch")
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 6)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, in_chans=1, H, W\)"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="floating-point"):
+        model(torch.randint(0, 255, (2, 1, 64, 64)))
+    model.set_backend(None)
+    assert all(m.backend is None for m in model.modules() if isinstance(m, SS2D))
+    with pytest.raises(ValueError, match="backend"):
+        model.set_backend("gpu")
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (dict(num_layers=3), r"unknown override\(s\) \['num_layers'\]"),
+    (dict(dims=[32, 64]), "dims must be a list of 4 positive integers"),
+    (dict(dims=0), "dims must be a list of 4 positive integers"),
+    (dict(depths=[1, 0, 1, 1]), "depths must be a list of positive integers"),
+    (dict(num_classes=0), "num_classes must be a positive integer"),
+    (dict(in_chans=2.0), "in_chans must be a positive integer"),
+    (dict(d_state=0), "d_state must be a positive integer"),
+    (dict(ssm_ratio=0), "ssm_ratio must be a finite number > 0"),
+    (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number > 0"),
+    (dict(drop_path_rate=1.0), r"drop_path_rate must be a number in \[0, 1\)"),
+    (dict(use_fusion="yes"), "use_fusion must be True or False"),
+    (dict(coarse_memory_size=0), r"coarse_memory_size must be an integer in \[1, 1024\]"),
+    (dict(fine_memory_size=2.5), r"fine_memory_size must be an integer in \[1, 1024\]"),
+    (dict(similarity="dot"), "similarity must be one of"),
+    (dict(backend="gpu"), "backend must be one of"),
+])
+def test_bad_overrides_name_the_argument(overrides, pattern):
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        memorymamba.create_model("memorymamba_nano", **overrides)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="name must be one of"):
+        memorymamba.create_model("memorymamba_huge")
