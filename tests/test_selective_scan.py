@@ -13,6 +13,7 @@ CASES = [
     (2, 6, 1, 3, 3, 3, True, False, True, True),
     (1, 2, 7, 1, "g1", 1, True, True, False, False),
     (2, 4, 13, 1, "const", 2, False, True, True, True),
+    (1, 2, 37, 2, 1, "const", True, False, True, True),
 ]
 
 

@@ -22,6 +22,9 @@ PARAM_DTYPES = (torch.float32, torch.float64)
 # Mamba's kernels stop at 256 states; the pure-PyTorch scan keeps the same limit so a model that
 # runs here also runs on the kernels.
 TORCH_MAX_DSTATE = 256
+# Chunk of the fast scan: 16 beat 8 and 32 at (2, 384, 1, 3136) on the 2-core dev box (0.06 s vs
+# 0.08 s / 0.095 s per forward scan, whole-L doubling 0.08 s); measured under load, so a rough pick.
+SCAN_CHUNK = 16
 
 
 def _shape_error(name, what, expected, got):
@@ -174,35 +177,32 @@ def _doubling_scan(a, b):
     return b
 
 
-def _doubling_scan_transposed(a, g):
-    """The adjoint recurrence r_t = g_t + a_{t+1} * r_{t+1} (r_L = 0), by doubling towards the start.
-
-    c_t = a_{t+1} (length L-1) links t to t+1; after the step of stride s it is the product of the s
-    decays between t and t+s.
-    """
-    L = g.shape[-1]
-    c = a[..., 1:]
-    s = 1
-    while s < L:
-        ng = torch.empty_like(g)
-        ng[..., L - s:] = g[..., L - s:]
-        torch.addcmul(g[..., :L - s], c[..., :L - s], g[..., s:], out=ng[..., :L - s])
-        g = ng
-        if 2 * s < L:
-            nc = torch.empty_like(c)
-            nc[..., L - 1 - s:] = c[..., L - 1 - s:]
-            torch.mul(c[..., :L - 1 - s], c[..., s:], out=nc[..., :L - 1 - s])
-            c = nc
-        s *= 2
-    return g
+def _scan(a, b):
+    """x_t = a_t * x_{t-1} + b_t along the last axis: doubling inside chunks of SCAN_CHUNK, doubling
+    across the chunk-end states, then one correction pass (about half the memory passes of doubling
+    over all of L)."""
+    L = a.shape[-1]
+    if L <= SCAN_CHUNK:
+        return _doubling_scan(a, b)
+    n = -(-L // SCAN_CHUNK)
+    pad = n * SCAN_CHUNK - L
+    if pad:  # decay 1 and input 0 after the end leave every real position unchanged
+        a = F.pad(a, (0, pad), value=1.0)
+        b = F.pad(b, (0, pad))
+    a = a.unflatten(-1, (n, SCAN_CHUNK))
+    x = _doubling_scan(a, b.unflatten(-1, (n, SCAN_CHUNK)))
+    decay = torch.cumprod(a, dim=-1)  # decay since each chunk's start: a product of decays
+    ends = _doubling_scan(decay[..., -1], x[..., -1])  # the true state at each chunk's end
+    x[..., 1:, :].addcmul_(decay[..., 1:, :], ends[..., :-1, None])
+    return x.flatten(-2)[..., :L]
 
 
 class _LinearRecurrence(torch.autograd.Function):
-    """x = scan(a, b) with the transposed scan as backward: autograd keeps a and x, not each step."""
+    """x = scan(a, b) with the reversed scan as backward: autograd keeps a and x, not each step."""
 
     @staticmethod
     def forward(ctx, a, b):
-        x = _doubling_scan(a, b)
+        x = _scan(a, b)
         ctx.save_for_backward(a, x)
         return x
 
@@ -210,10 +210,14 @@ class _LinearRecurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_x):
         a, x = ctx.saved_tensors
-        # dLoss/db_t = r_t = grad_x_t + a_{t+1} r_{t+1}; dLoss/da_t = r_t * x_{t-1}.
-        grad_b = _doubling_scan_transposed(a, grad_x.contiguous())
+        # dLoss/db_t = r_t = grad_x_t + a_{t+1} r_{t+1}: the same recurrence on reversed sequences,
+        # whose decay at reversed position t' is a_{L-t'} (t' = 0 has none).
+        decay = torch.empty_like(a)
+        decay[..., 0] = 0
+        decay[..., 1:] = a.flip(-1)[..., :-1]
+        grad_b = _scan(decay, grad_x.flip(-1)).flip(-1)
         grad_a = torch.empty_like(grad_b)
-        grad_a[..., 0] = 0
+        grad_a[..., 0] = 0  # x_{-1} = 0
         torch.mul(grad_b[..., 1:], x[..., :-1], out=grad_a[..., 1:])
         return grad_a, grad_b
 
