@@ -6,8 +6,10 @@ For each direction k of xs = cross_scan(x) (B, 4, D, L):
     delta = dt_projs_weight[k] @ dts                          (D, L)
     ys_k  = selective_scan(xs_k, delta, A = -exp(A_logs), B_k, C_k, Ds, delta_bias = dt_projs_bias[k],
                            delta_softplus)
-and y = cross_merge(ys). Maths is fp32 (fp64 for fp64 inputs); y has x's dtype, like VMamba's
-scan output, which VMamba then feeds to out_norm.
+and y = cross_merge(ys). Maths is fp32 (fp64 for fp64 inputs) and y has x's dtype. VMamba's v05_noz
+(force_fp32 on) merges in fp32 and casts to x's dtype only after out_norm; returning x's dtype here
+rounds y once before out_norm for fp16/bf16 x (no change for fp32) and halves the bytes the fused
+kernels write.
 """
 from __future__ import annotations
 
