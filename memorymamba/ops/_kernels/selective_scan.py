@@ -133,7 +133,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z: (batch, dim, L) fp32/fp16/bf16; A: (dim, N) with N <= max_dstate();
     B, C: (batch, G, N, L), (batch, N, L) or constant (dim, N); D, delta_bias: (dim,).
     Returns out (batch, dim, L) in u's dtype, or (out, last_state (batch, dim, N) fp32).
-    Variable B/C are used in u's dtype and the parameters in fp32 (cast here if needed).
+    Parameters are used in fp32 and variable B/C in u's dtype (cast here if needed); fp32 variable
+    B/C with fp16/bf16 u run the fp32 kernel.
     """
     if u.dtype not in KERNEL_DTYPES:
         raise TypeError(f"u must be float32, float16 or bfloat16 for the compiled kernels, got {u.dtype}")
@@ -142,6 +143,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise TypeError(f"{name} must be float32 for the compiled kernels, got float64")
     if A.dim() == 2 and A.shape[1] > max_dstate():
         raise ValueError(f"A has N = {A.shape[1]} states; the compiled kernels support N <= {max_dstate()}")
+
+    out_dtype = u.dtype
+    if u.dtype != torch.float32 and any(t.dim() > 2 and t.dtype == torch.float32 for t in (B, C)):
+        # fp32 variable B/C with low-precision u: the maths is fp32 anyway, so run the fp32
+        # kernel on upcast sequences rather than round B/C down.
+        u, delta = u.float(), delta.float()
+        z = None if z is None else z.float()
 
     def bc(t):
         if t.dim() == 2:
@@ -154,4 +162,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         _last_contig(u), _last_contig(delta), A.float(), bc(B), bc(C),
         None if D is None else D.float(), _last_contig(z),
         None if delta_bias is None else delta_bias.float(), bool(delta_softplus))
+    out = out.to(out_dtype)
     return (out, states[:, :, -1]) if return_last_state else out
