@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from memorymamba._backend import ENV_VAR
+    if os.environ.pop(ENV_VAR, None) is not None:
+        # providers name their backends; the variable would silently reroute backend=None ones
+        print(f"# ignoring {ENV_VAR} for this run", flush=True)
     timing = TIMING["quick" if args.suite == "quick" else args.device]
     out = None if args.no_save else (args.out or harness.default_results_path(args.device))
     t0 = time.perf_counter()

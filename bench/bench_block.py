@@ -4,7 +4,8 @@ Ops (each a module from memorymamba.nn, built as the model builds them: d_state 
   mem_ssm_block  MemSSMBlock (norm, MemSS2D, MLP, residuals): what a model stage repeats
   memss2d        MemSS2D alone (coarse 4 + fine 8 memory cells, cosine fusion)
   ss2d           SS2D without memory (the memory's cost is memss2d / ss2d)
-Providers are the backends the module routes its ops to; add a fused-block provider by adding an
+Providers are the backends the module routes its ops to (kernel-<device>: every op with a compiled
+kernel runs it, the row's note lists them; torch: pure PyTorch); add a fused-block provider by adding an
 entry to `module_providers` (e.g. once issue 6's fused MemSS2D exists, a module class per provider).
 Inputs are x (B, C, H, W) plus the module's parameters, so backward times every gradient.
 """
@@ -49,7 +50,8 @@ def autocast(device: str, dtype: torch.dtype):
 
 
 def module_providers(module: torch.nn.Module, device: str, dtype: torch.dtype) -> list[Provider]:
-    """One provider per backend the module can route to; the kernel backend needs every op it uses."""
+    """The compiled backend (backend=None on `device` tensors, see common.module_kernel_provider)
+    and pure PyTorch."""
     def run(backend):
         def fwd(x, *params):
             set_backend(module, backend)
@@ -57,8 +59,8 @@ def module_providers(module: torch.nn.Module, device: str, dtype: torch.dtype) -
                 return module(x)
         return fwd
 
-    ops_used = ("cross_selective_scan", "memory_attention")
-    return [Provider(f"kernel-{device}", run(device), common.backends_why_not(ops_used, device)),
+    why, note = common.module_kernel_provider(device)
+    return [Provider(f"kernel-{device}", run(None), why, note=note),
             Provider("torch", run("torch"), baseline=True)]
 
 

@@ -48,8 +48,8 @@ def make_case(name: str, batch: int, img: int, dtype: torch.dtype, device: str,
         with torch.inference_mode():
             return forward(inputs[0])
 
-    why = common.backends_why_not(("cross_selective_scan", "memory_attention"), device)
-    providers = [Provider(f"kernel-{device}", run(device), why),
+    why, note = common.module_kernel_provider(device)
+    providers = [Provider(f"kernel-{device}", run(None), why, note=note),
                  Provider("torch", run("torch"), baseline=True)]
     return Case(op="model", shape=dict(model=name.replace("memorymamba_", ""), batch=batch, img=img),
                 dtype=dtype, providers=providers, make_inputs=make_inputs, modes=modes, items=batch,

@@ -34,10 +34,16 @@ def backend_why_not(op: str, backend: str) -> str | None:
     return None
 
 
-def backends_why_not(ops: tuple[str, ...], backend: str) -> str | None:
-    """None when every op of `ops` runs on `backend`, else the distinct reasons why not."""
-    reasons = dict.fromkeys(r for r in (backend_why_not(op, backend) for op in ops) if r)
-    return "; ".join(reasons) or None
+MODULE_OPS = ("cross_selective_scan", "selective_scan", "memory_attention")
+
+
+def module_kernel_provider(device: str) -> tuple[str | None, str | None]:
+    """(why_not, note) for running a module or model with backend=None on `device` tensors: each op
+    whose compiled kernel exists runs it, the others run PyTorch (memorymamba.ops._dispatch).
+    It needs at least the fused SS2D core; the note lists the ops that ran compiled."""
+    why = backend_why_not("cross_selective_scan", device)
+    compiled = [op for op in MODULE_OPS if backend_why_not(op, device) is None]
+    return why, "compiled: " + ",".join(compiled)
 
 
 def mamba_ssm_scan():

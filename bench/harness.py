@@ -173,7 +173,8 @@ class Timer:
     def time(self, fn: Callable[[int], Any]) -> Timing:
         cfg = self.cfg
         # Warm-up: compile/caches/allocator; also estimates one call's time.
-        # At least 2 calls: the first is often far slower (lazy init), so the estimate uses the last.
+        # Two calls at least (the first is often far slower: lazy init), so the estimate uses the last;
+        # one is enough when it alone took the whole time cap (the slowest CPU baselines).
         t_start = time.perf_counter()
         n = 0
         while True:
@@ -184,7 +185,7 @@ class Timer:
             t1 = time.perf_counter()
             n += 1
             elapsed = (t1 - t_start) * 1e3
-            if n >= 2 and (elapsed >= cfg.warmup_ms or elapsed >= cfg.max_time_ms / 2):
+            if elapsed >= cfg.max_time_ms or (n >= 2 and elapsed >= cfg.warmup_ms):
                 break
         est_ms = max((t1 - t0) * 1e3, 1e-3)
         reps = int(min(cfg.max_reps, max(cfg.min_reps, math.ceil(cfg.min_time_ms / est_ms))))
@@ -328,6 +329,7 @@ class Provider:
     fn: Callable[..., Any] | None
     why_not: str | None = None
     baseline: bool = False
+    note: str | None = None  # stored on its rows (e.g. which ops ran compiled)
 
 
 @dataclasses.dataclass
@@ -453,7 +455,7 @@ def run_case(ctx: Context, case: Case) -> list[dict[str, Any]]:
             row = dict(op=case.op, provider=provider.name, mode=mode, shape=dict(case.shape),
                        dtype=DTYPE_NAMES.get(case.dtype, str(case.dtype)), median_ms=timing.median_ms,
                        p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, n_runs=timing.n, input_sets=n_sets,
-                       baseline=provider.baseline)
+                       baseline=provider.baseline, note=provider.note)
             nbytes = case.bytes_fn(mode) if case.bytes_fn and mode in MODES else None
             flops = case.flops_fn(mode) if case.flops_fn and mode in MODES else None
             sec = timing.median_ms * 1e-3

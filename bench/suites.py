@@ -40,7 +40,7 @@ def _grids() -> dict[str, dict[str, list[dict]]]:
     return {
         "selective_scan": {
             "quick": [dict(quick_scan, dim=8)],
-            "cpu": [_scan("tiny", 1, 8, 1, F32, FB), _scan("tiny", 3, 8, 16, F32, ("fwd",))],
+            "cpu": [_scan("tiny", 1, 8, 1, F32, FB), _scan("tiny", 3, 2, 16, F32, ("fwd",))],
             "gpu-check": [_scan("tiny", 1, 128, 1, BF16, FB), _scan("tiny", 3, 128, 16, BF16, ("fwd",))],
             "gpu": gpu_scan,
             "full": full_scan,
@@ -68,7 +68,7 @@ def _grids() -> dict[str, dict[str, list[dict]]]:
         },
         "block": {
             "quick": [dict(op="mem_ssm_block", batch=2, dim=32, side=14, dtype=F32, modes=FB)],
-            "cpu": [dict(op=op, batch=8, dim=96, side=56, dtype=F32, modes=("fwd",) if op == "ss2d" else FB)
+            "cpu": [dict(op=op, batch=8, dim=96, side=56, dtype=F32, modes=FB if op == "memss2d" else ("fwd",))
                     for op in ("mem_ssm_block", "memss2d", "ss2d")],
             "gpu-check": [dict(op=op, batch=128, dim=96, side=56, dtype=BF16, modes=FB)
                           for op in ("mem_ssm_block", "memss2d", "ss2d")],
