@@ -54,7 +54,8 @@ def test_reference_matches_per_direction_loop(case):
     assert_close("y", cross_selective_scan_ref(**inputs), per_direction_loop(**inputs), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", CASES[:3], ids=_ids)
+@pytest.mark.parametrize("case", [(2, 3, 3, 5, 2, 1, True), (1, 2, 5, 3, 1, 3, False), (1, 2, 1, 1, 1, 1, True)],
+                         ids=_ids)
 def test_gradcheck_float64(case):
     inputs = make_inputs(*case)
     names = [k for k, v in inputs.items() if v is not None]

@@ -57,7 +57,7 @@ def _random_inputs(B=3, D=5, Hd=7, m=4, dtype=torch.float64, device="cpu"):
 
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 def test_gradcheck_float64(similarity):
-    inputs = _random_inputs()
+    inputs = _random_inputs(B=2, D=3, Hd=4, m=3)
     names = list(inputs)
     assert torch.autograd.gradcheck(lambda *t: memory_attention_ref(*t, similarity=similarity),
                                     [inputs[k].requires_grad_() for k in names])
