@@ -103,7 +103,8 @@ def test_other_head_size_and_unexpected_key(tmp_path):
     head_before = model.classifier.head.weight.detach().clone()
     report = memorymamba.load_vmamba_checkpoint(model, str(path))
     print(report)
-    assert report.resized == ["classifier.head.weight: (1000, 192) -> (6, 192)", "classifier.head.bias: (1000,) -> (6,)"]
+    assert report.resized == ["classifier.head.weight: (1000, 192) -> (6, 192)",
+                              "classifier.head.bias: (1000,) -> (6,)"]
     assert report.unexpected == ["pos_embed"] and report.missing == []
     assert sorted(report.loaded) == sorted(k for k in sd if not k.startswith(("classifier.head", "pos_embed")))
     assert torch.equal(model.classifier.head.weight, head_before)

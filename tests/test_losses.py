@@ -17,7 +17,8 @@ def test_contrastive_three_classes_by_hand():
     h = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [1.0, 1.0]])
     target = torch.tensor([0, 1, 0, 2])
     r = 1 / math.sqrt(2)
-    for margin, expected in [(0.0, 4 * r / 6), (0.5, 4 * (r - 0.5) / 6), (0.8, 0.0), (-0.25, (2 * 0.25 + 4 * (r + 0.25)) / 6)]:
+    cases = [(0.0, 4 * r / 6), (0.5, 4 * (r - 0.5) / 6), (0.8, 0.0), (-0.25, (2 * 0.25 + 4 * (r + 0.25)) / 6)]
+    for margin, expected in cases:
         got = coarse_contrastive_loss(h, target, margin).item()
         print(f"margin {margin}: {got:.6f} expected {expected:.6f}")
         assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)

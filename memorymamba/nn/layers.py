@@ -17,7 +17,9 @@ class Linear2d(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in, H, W) -> (B, out, H, W)."""
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        # A GEMM on the channel-last view: inputs here mostly come from LayerNorm2d, which leaves them
+        # channel-last in memory, and on the 2-core dev box this ran 1.3-2x faster than a 1x1 conv.
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         w = state_dict.get(prefix + "weight")

@@ -95,7 +95,9 @@ class SS2D(nn.Module):
         bound = 1.0 / math.sqrt(D)
         self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, D).uniform_(-bound, bound))
         dt_std = dt_scale / math.sqrt(R)
-        dt_w = torch.full((K, D, R), dt_std) if dt_init == "constant" else torch.empty(K, D, R).uniform_(-dt_std, dt_std)
+        dt_w = torch.full((K, D, R), dt_std)
+        if dt_init == "random":
+            dt_w.uniform_(-dt_std, dt_std)
         self.dt_projs_weight = nn.Parameter(dt_w)
         self.dt_projs_bias = nn.Parameter(init_dt_bias(D, K, dt_min, dt_max, dt_init_floor))
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
