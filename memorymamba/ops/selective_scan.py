@@ -135,21 +135,24 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
     uf, Af = u.to(dtype), A.to(dtype)
 
-    def at(M, t):
-        """M at position t as (batch, dim, N) (or (dim, N) when constant)."""
+    def per_position(M):
+        """B or C as L tensors (batch, dim, N) (or L references to the constant (dim, N))."""
+        M = M.to(dtype)
         if M.dim() == 2:
-            return M.to(dtype)
-        Mt = M[..., t].to(dtype)
-        if Mt.dim() == 2:  # (batch, N): one group
-            Mt = Mt[:, None]
-        return Mt.repeat_interleave(dim // Mt.shape[1], dim=1)
+            return [M] * L
+        if M.dim() == 3:  # (batch, N, L): one group
+            M = M[:, None]
+        return M.repeat_interleave(dim // M.shape[1], dim=1).unbind(-1)
 
+    # unbind once: indexing [..., t] inside the loop would make autograd build a full-size
+    # gradient per position, O(L^2) in the backward.
+    steps = zip(delta.unbind(-1), uf.unbind(-1), per_position(B), per_position(C))
     x = torch.zeros(batch, dim, N, dtype=dtype, device=u.device)
     ys = []
-    for t in range(L):
-        dt = delta[:, :, t, None]
-        x = torch.exp(dt * Af) * x + dt * at(B, t) * uf[:, :, t, None]
-        ys.append((x * at(C, t)).sum(-1))
+    for dt, ut, Bt, Ct in steps:
+        dt = dt[:, :, None]
+        x = torch.exp(dt * Af) * x + dt * Bt * ut[:, :, None]
+        ys.append((x * Ct).sum(-1))
     out = _finish(torch.stack(ys, dim=-1), uf, D, z, dtype).to(u.dtype)
     return (out, x) if return_last_state else out
 
