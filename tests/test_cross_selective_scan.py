@@ -66,6 +66,16 @@ def test_gradcheck_float64(case):
     assert torch.autograd.gradcheck(f, [inputs[k].requires_grad_() for k in names])
 
 
+def test_torch_backend_gradcheck_float64():
+    inputs = make_inputs(1, 2, 5, 3, 1, 2, True)
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def f(*tensors):
+        return cross_selective_scan(**{**inputs, **dict(zip(names, tensors))}, backend="torch")
+
+    assert torch.autograd.gradcheck(f, [inputs[k].requires_grad_() for k in names])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_backend_matches_reference_fp32(backend, case):
