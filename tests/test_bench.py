@@ -102,7 +102,7 @@ def test_checks_pass_and_fail_on_measured_ratios():
     assert report.criteria_lines(rows)[0].startswith("n/a")
 
 
-def test_gpu_check_script_is_valid_bash():
+def test_device_check_script_is_valid_bash():
     script = os.path.join(REPO, "bench", "gpu_check.sh")
     subprocess.run(["bash", "-n", script], check=True)
     if shutil.which("shellcheck"):
@@ -112,7 +112,7 @@ def test_gpu_check_script_is_valid_bash():
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_writes_its_files(tmp_path):
+def test_device_check_dry_run_writes_its_files(tmp_path):
     script = os.path.join(REPO, "bench", "gpu_check.sh")
     env = dict(os.environ, MEMORYMAMBA_GIT_SHA="test", MEMORYMAMBA_GPU_CHECK_BUDGET_S="240")
     subprocess.run([script, str(tmp_path), "--dry-run"], check=True, env=env, timeout=300)
