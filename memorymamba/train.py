@@ -250,8 +250,6 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
 def _train(cfg, ckpt, d):
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    if d.device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = os.path.dirname(ckpt["path"]) if ckpt else _run_dir(cfg)
     if ckpt is None and d.main and os.path.exists(os.path.join(run_dir, "last.pt")):
         raise RunError(f"run folder {run_dir} already holds a run; pick another --name or --resume it")
