@@ -39,7 +39,7 @@ def _check_tensor(name, t, dtypes):
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
 
 
-def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None, max_dstate=None):
+def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None):
     """Validate the inputs of a selective scan; returns (batch, dim, L, N, B_groups, C_groups).
 
     B_groups / C_groups is None for a constant (dim, N) B / C. Raises ValueError (shapes, sizes)
@@ -60,8 +60,6 @@ def check_selective_scan_args(u, delta, A, B, C, D=None, z=None, delta_bias=None
     if A.dim() != 2 or A.shape[0] != dim or A.shape[1] < 1:
         raise ValueError(f"A must have shape (dim, N) with dim = {dim} and N >= 1, got {tuple(A.shape)}")
     N = A.shape[1]
-    if max_dstate is not None and N > max_dstate:
-        raise ValueError(f"A has N = {N} states; this backend supports N <= {max_dstate}")
     groups = []
     for name, t in (("B", B), ("C", C)):
         _check_tensor(name, t, ACT_DTYPES)
