@@ -233,3 +233,24 @@ def test_bad_overrides_name_the_argument(overrides, pattern):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="name must be one of"):
         memorymamba.create_model("memorymamba_huge")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_model_on_cuda_matches_cpu(backend):
+    if not torch.cuda.is_available():  # asked here, not at import, so collection makes no CUDA call
+        pytest.skip("needs a CUDA device")
+    cpu = memorymamba.create_model("memorymamba_nano", num_classes=4, backend="torch").eval()
+    gpu = memorymamba.create_model("memorymamba_nano", num_classes=4, backend=backend).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randn(3, 3, 45, 38)
+    with torch.no_grad():
+        expected = cpu(x)
+    logits, aux = gpu(x.cuda(), return_aux=True)
+    assert_close(f"cuda (backend={backend}) vs cpu logits", logits, expected, rtol=1e-4, atol=1e-4)
+    loss, _ = memorymamba.MemoryMambaLoss(class_weight=torch.ones(4))(logits, torch.tensor([0, 1, 3]).cuda(), aux)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.isfinite(gpu(x.cuda()).float()).all()
