@@ -22,8 +22,8 @@ PARAM_DTYPES = (torch.float32, torch.float64)
 # Mamba's kernels stop at 256 states; the pure-PyTorch scan keeps the same limit so a model that
 # runs here also runs on the kernels.
 TORCH_MAX_DSTATE = 256
-# Chunk of the fast scan: 16 beat 8 and 32 at (2, 384, 1, 3136) on the 2-core dev box (0.06 s vs
-# 0.08 s / 0.095 s per forward scan, whole-L doubling 0.08 s); measured under load, so a rough pick.
+# Chunk of the fast scan: 16 beat 8 and 32 at (2, 384, 1, 3136) on the 2-core dev box (0.060 s vs
+# 0.081 s / 0.095 s per forward scan; whole-L doubling 0.082 s), measured while other jobs ran: a rough pick.
 SCAN_CHUNK = 16
 
 
@@ -158,9 +158,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 def _doubling_scan(a, b):
     """x_t = a_t * x_{t-1} + b_t along the last axis (x_{-1} = 0) in ceil(log2 L) doubling steps.
 
-    After the step of stride s, b_t holds the recurrence summed over the s inputs ending at t and a_t
-    the product of their decays: only products of decays are formed, never exp of a cumulative sum,
-    so nothing overflows. Writes go through out= into fresh tensors (torch.cat was ~10x slower).
+    After the step of stride s, b_t is the recurrence over the 2s inputs ending at t (started from 0)
+    and a_t the product of their decays: only products of decays are formed, never exp of a
+    cumulative sum, so nothing overflows. Writes go through out= into fresh tensors (building them
+    with torch.cat was 2-10x slower on the 2-core dev box).
     """
     L = a.shape[-1]
     s = 1
@@ -247,7 +248,7 @@ def _per_channel_product(v, M, dtype):
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False):
-    """Fast pure-PyTorch selective scan: a log-depth doubling scan with a reverse-scan backward.
+    """Fast pure-PyTorch selective scan: a chunked doubling scan, whose backward is the same scan reversed.
 
     Same arguments, shapes and results as selective_scan_ref. Memory is O(batch*dim*N*L).
     """
