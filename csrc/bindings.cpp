@@ -7,10 +7,6 @@
 #error "setup.py must define MEMORYMAMBA_TORCH_VERSION"
 #endif
 
-// Until csrc/cross_selective_scan/ defines it, an empty stand-in keeps the module importable.
-// TODO(k1): remove once cross_selective_scan.cpp lands.
-__attribute__((weak)) void bind_cross_selective_scan(pybind11::module_&) {}
-
 #ifndef MEMORYMAMBA_CUDA_ARCHS
 #define MEMORYMAMBA_CUDA_ARCHS ""
 #endif
