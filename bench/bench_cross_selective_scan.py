@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from bench import common
-from bench.harness import Case, Provider, cross_selective_scan_bytes, scan_flops
+from bench.harness import (Case, Provider, cross_selective_scan_bytes, scan_flops, scan_sfu_ops,
+                           unfused_pipeline_bytes)
 
 REF_MAX_WORK = 500_000  # batch * 4D * L for the loop reference
 REF_MAX_L = 256
@@ -77,7 +78,9 @@ def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, devic
         shape=dict(batch=batch, dim=dim, H=side, W=side, N=N, R=R),
         dtype=dtype, providers=providers, make_inputs=make_inputs, modes=modes,
         bytes_fn=lambda mode: cross_selective_scan_bytes(batch, dim, L, N, R, dtype, mode),
-        flops_fn=flops)
+        flops_fn=flops, sfu_fn=lambda mode: scan_sfu_ops(batch, K * dim, L, N, mode),
+        # what the unfused pipeline moves forward (DESIGN's ~22D + 8N per position), for comparison
+        extra=dict(unfused_fwd_bytes_est=unfused_pipeline_bytes(batch, dim, L, N, dtype)))
 
 
 def case(g: dict, device: str) -> Case:

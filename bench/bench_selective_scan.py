@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from bench import common
-from bench.harness import Case, Provider, scan_flops, selective_scan_bytes
+from bench.harness import Case, Provider, scan_flops, scan_sfu_ops, selective_scan_bytes
 
 # The loop reference runs one Python step per position: only on cases this small.
 REF_MAX_WORK = 2_000_000  # batch * channels * L
@@ -55,7 +55,8 @@ def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, devic
         shape=dict(batch=batch, dim=channels, L=L, N=N, groups=K),
         dtype=dtype, providers=providers, make_inputs=make_inputs, modes=modes,
         bytes_fn=lambda mode: selective_scan_bytes(batch, channels, L, N, K, dtype, mode),
-        flops_fn=lambda mode: scan_flops(batch, channels, L, N, mode))
+        flops_fn=lambda mode: scan_flops(batch, channels, L, N, mode),
+        sfu_fn=lambda mode: scan_sfu_ops(batch, channels, L, N, mode))
 
 
 def case(g: dict, device: str) -> Case:

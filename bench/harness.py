@@ -172,26 +172,34 @@ class Timer:
 
     def time(self, fn: Callable[[int], Any]) -> Timing:
         cfg = self.cfg
-        # Warm-up: compile/caches/allocator; also estimates one call's time.
-        # Two calls at least (the first is often far slower: lazy init), so the estimate uses the last;
-        # one is enough when it alone took the whole time cap (the slowest CPU baselines).
+        cuda = self.device == "cuda"
+        # Warm-up (lazy init, caches, allocator): two calls at least, since the first is often far
+        # slower; on the CPU one is enough when it alone took the whole time cap (slow baselines).
         t_start = time.perf_counter()
         n = 0
         while True:
             t0 = time.perf_counter()
             fn(n)
-            if self.device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
             n += 1
             elapsed = (t1 - t_start) * 1e3
-            if elapsed >= cfg.max_time_ms or (n >= 2 and elapsed >= cfg.warmup_ms):
+            if ((n >= 2 or not cuda) and elapsed >= cfg.max_time_ms) or (n >= 2 and elapsed >= cfg.warmup_ms):
                 break
-        est_ms = max((t1 - t0) * 1e3, 1e-3)
-        reps = int(min(cfg.max_reps, max(cfg.min_reps, math.ceil(cfg.min_time_ms / est_ms))))
-        reps = max(1, min(reps, int(cfg.max_time_ms / est_ms)))
-        marks = [self._one(fn, i) for i in range(reps)]
-        return _stats(self._collect(marks))
+        if cuda:
+            # Events are read after one sync at the end, so the count is fixed from the last warm-up call.
+            est_ms = max((t1 - t0) * 1e3, 1e-3)
+            reps = int(min(cfg.max_reps, max(cfg.min_reps, math.ceil(cfg.min_time_ms / est_ms))))
+            reps = max(1, min(reps, int(cfg.max_time_ms / est_ms)))
+            return _stats(self._collect([self._one(fn, i) for i in range(reps)]))
+        times: list[float] = []
+        while True:  # the CPU clock is read per call: stop on enough calls and time, or on the cap
+            times.append(self._one(fn, len(times)))
+            total = sum(times)
+            if (len(times) >= cfg.max_reps or total >= cfg.max_time_ms
+                    or (len(times) >= cfg.min_reps and total >= cfg.min_time_ms)):
+                return _stats(times)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +326,15 @@ def scan_flops(batch: int, channels: int, L: int, N: int, mode: str) -> int:
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode]
 
 
+def scan_sfu_ops(batch: int, channels: int, L: int, N: int, mode: str, softplus: bool = True) -> int:
+    """Special-function evaluations (exp, log1p): per (channel, position) exp(delta*A) for each of the
+    N states plus softplus's exp and log1p; backward recomputes those and adds softplus' sigmoid.
+    With N = 1 these units, not memory, may set the floor (DESIGN section 5)."""
+    fwd = batch * channels * L * (N + (2 if softplus else 0))
+    bwd = fwd + (batch * channels * L if softplus else 0)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
 # ----------------------------------------------------------------------------------------------
 # Cases and rows.
 
@@ -336,7 +353,8 @@ class Provider:
 class Case:
     """One op at one shape and dtype. `make_inputs()` returns fresh random inputs (a tuple; tensors
     that need gradients already have requires_grad). `bytes_fn(mode)` / `flops_fn(mode)` are the
-    minimum-bytes and FLOP models (None where they do not apply). `per_item` turns a time into a
+    minimum-bytes and FLOP models, `sfu_fn(mode)` the special-function count (None where they
+    do not apply). `per_item` turns a time into a
     throughput (images/s) for model rows."""
     op: str
     shape: dict[str, Any]
@@ -346,6 +364,8 @@ class Case:
     modes: Sequence[str] = MODES
     bytes_fn: Callable[[str], int] | None = None
     flops_fn: Callable[[str], int] | None = None
+    sfu_fn: Callable[[str], int] | None = None
+    extra: dict[str, Any] | None = None  # stored on every row of the case
     items: int | None = None
     item_unit: str = "img/s"
     # Called as step(provider_fn, inputs) for modes the default fwd/bwd logic does not cover
@@ -464,10 +484,14 @@ def run_case(ctx: Context, case: Case) -> list[dict[str, Any]]:
             row["pct_copy_bw"] = 100 * row["gbps"] / ctx.copy_bw_gbps if nbytes else None
             row["flops_model"] = flops
             row["tflops"] = flops / sec / 1e12 if flops else None
+            sfu = case.sfu_fn(mode) if case.sfu_fn and mode in MODES else None
+            row["sfu_ops_model"] = sfu
+            row["sfu_gops"] = sfu / sec / 1e9 if sfu else None
             if case.items:
                 row["throughput"] = case.items / sec
                 row["throughput_unit"] = case.item_unit
             row.update(mem)
+            row.update(case.extra or {})
             row["copy_bw_gbps"] = ctx.copy_bw_gbps
             row.update(ctx.env)
             row["run_id"] = ctx.run_id
@@ -520,7 +544,7 @@ def _fmt(x, spec: str, empty: str = "") -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per row; the speed-up columns name each other provider of the same case and mode."""
     head = ("| op | provider | mode | shape | dtype | median ms [p20, p80] | GB/s | % copy BW | TFLOP/s "
-            "| throughput | peak MiB | speed-up vs others |")
+            "| SFU Gop/s | throughput | peak MiB | speed-up vs others |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         spd = ", ".join(f"{v:.2f}x vs {k}" for k, v in sorted(r.get("speedup_vs", {}).items()))
@@ -528,6 +552,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['op']} | {r['provider']} | {r['mode']} | {shape_text(r['shape'])} | {r['dtype']} "
             f"| {r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}] | {_fmt(r.get('gbps'), '.1f')} "
-            f"| {_fmt(r.get('pct_copy_bw'), '.1f')} | {_fmt(r.get('tflops'), '.3f')} | {thr} "
+            f"| {_fmt(r.get('pct_copy_bw'), '.1f')} | {_fmt(r.get('tflops'), '.3f')} "
+            f"| {_fmt(r.get('sfu_gops'), '.1f')} | {thr} "
             f"| {_fmt(r.get('peak_mem_mb'), '.1f')} | {spd} |")
     return "\n".join(lines)

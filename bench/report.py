@@ -52,8 +52,8 @@ def _f(x, spec):
 def compact_table(rows: list[dict[str, Any]]) -> str:
     """README table: one line per stored row; speed-ups only against the baseline providers."""
     lines = ["| op | shape | dtype | mode | provider | median ms [p20, p80] | GB/s | % copy BW | TFLOP/s "
-             "| img/s | peak MiB | speed-up vs baselines |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| SFU Gop/s | img/s | peak MiB | speed-up vs baselines |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     baselines = {r["provider"] for r in rows if r.get("baseline")}
     for r in rows:
         spd = ", ".join(f"{v:.2f}x vs {k}" for k, v in sorted(r.get("speedup_vs", {}).items())
@@ -61,7 +61,8 @@ def compact_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['op']} | {shape_text(r['shape'])} | {r['dtype']} | {r['mode']} | {r['provider']} "
             f"| {r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}] | {_f(r.get('gbps'), '.1f')} "
-            f"| {_f(r.get('pct_copy_bw'), '.1f')} | {_f(r.get('tflops'), '.3f')} | {_f(r.get('throughput'), '.1f')} "
+            f"| {_f(r.get('pct_copy_bw'), '.1f')} | {_f(r.get('tflops'), '.3f')} | {_f(r.get('sfu_gops'), '.1f')} "
+            f"| {_f(r.get('throughput'), '.1f')} "
             f"| {_f(r.get('peak_mem_mb'), '.1f')} | {spd} |")
     return "\n".join(lines)
 
