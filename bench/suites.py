@@ -96,4 +96,10 @@ def grid(op: str, suite: str) -> list[dict]:
     """The parameter dicts `op`'s bench runs for `suite`."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
-    return _grids()[op][suite]
+    seen, out = set(), []
+    for g in _grids()[op][suite]:  # tiny and small share widths: keep each shape once
+        key = tuple(sorted((k, str(v)) for k, v in g.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(g)
+    return out
