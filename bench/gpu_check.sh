@@ -150,7 +150,7 @@ fi
 RESERVE=0
 if [ -s "$ROWS" ]; then
     step report 30 "$OUT/report.md" "$PY" -m bench.report --results "$ROWS" --suite "$SUITE"
-    step plot 30 "$OUT/bench.log" "$PY" -m bench.plot --results "$ROWS" --out-dir "$OUT"
+    step plot 30 "$OUT/bench.log" "$PY" -m bench.plot --results "$ROWS" --out-dir "$OUT" --suite "$SUITE"
     {
         echo
         echo "checks (from $(basename "$ROWS")):"
