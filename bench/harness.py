@@ -135,11 +135,11 @@ def cache_bytes(device: str) -> int:
 
 @dataclasses.dataclass
 class TimingConfig:
-    warmup_ms: float = 25.0      # at least this long (and >= 1 call) before timing
+    warmup_ms: float = 25.0      # at least this long (and 2 calls) before timing
     min_time_ms: float = 100.0   # keep timing until this much time and min_reps calls
     min_reps: int = 5
     max_reps: int = 200
-    max_time_ms: float = 2000.0  # stop after this much timed work even below min_reps (slow refs)
+    max_time_ms: float = 2000.0  # stop after this much timed work even below min_reps (slow baselines)
 
 
 class Timer:
@@ -152,14 +152,15 @@ class Timer:
         if device == "cuda":
             self._flush = torch.empty(4 * cache_bytes("cuda"), dtype=torch.int8, device="cuda")
 
-    def _one(self, fn: Callable[[int], Any], i: int) -> float:
+    def _one(self, fn: Callable[[int], Any], i: int) -> Any:
+        """One call: its CPU wall time in ms, or its (start, end) CUDA events, read later."""
         if self.device == "cuda":
             self._flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(i)
             end.record()
-            return (start, end)  # type: ignore[return-value]
+            return start, end
         t0 = time.perf_counter()
         fn(i)
         return (time.perf_counter() - t0) * 1e3
@@ -404,8 +405,8 @@ def _make_step(mode: str, fn: Callable, inputs: tuple, case: Case):
     grads_of = _grad_inputs(inputs)
     if mode == "fwd+bwd":
         def fwd_bwd():
-            outs = _tensors(fn(*inputs))
-            gouts = [torch.ones_like(o) for o in outs]  # cheap next to any op here
+            outs = [o for o in _tensors(fn(*inputs)) if o.requires_grad]
+            gouts = [torch.ones_like(o) for o in outs]  # a fill: cheap next to any op here
             return torch.autograd.grad(outs, grads_of, gouts, allow_unused=True)
         return fwd_bwd
     outs = [o for o in _tensors(fn(*inputs)) if o.requires_grad]
