@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from memorymamba.nn.layers import Mlp
+from memorymamba.nn.layers import Mlp, vmamba_init_weights
 
 SIMILARITIES = ("cosine", "l1", "l2")
 
@@ -44,6 +44,11 @@ class MemoryNetwork(nn.Module):
         nn.init.trunc_normal_(self.cells, std=cell_std)
         self.scale = nn.Parameter(torch.full((1,), float(scale_init))) if fusion else None
         self.proj = Mlp(dim, hidden, dim, channel_first=False) if projection else None
+        # VMamba's Linear init (the whole model re-applies it; done here too for a standalone SS2D):
+        # small query weights and zero biases start the softmax over cells near uniform.
+        self.query.apply(vmamba_init_weights)
+        if self.proj is not None:
+            self.proj.apply(vmamba_init_weights)
 
     def forward(self, p: torch.Tensor, *, backend: str | None = None):
         """p (B, dim) pooled features -> (add (B, dim), h (B, size) query logits, v (B, dim) readout)."""

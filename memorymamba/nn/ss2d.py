@@ -143,7 +143,7 @@ class SS2D(nn.Module):
                 if return_aux:
                     aux.fine_proj = self.fine_memory.proj(v_f)
             aux.pooled = p
-            f = f + add[:, :, None, None]
+            f = f + add.to(f.dtype)[:, :, None, None]  # fp32 memory params must not promote f under autocast
         y = ops.cross_selective_scan(self.act(f), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                                      self.A_logs, self.Ds, delta_softplus=True, backend=self.backend)
         if not self.channel_first:
