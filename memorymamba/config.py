@@ -84,7 +84,7 @@ def load_file(path: str) -> dict:
     try:
         data = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.lower().endswith('.json') else 'YAML'}: {e}") from None
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.lower().endswith('.json') else 'YAML'}: {' '.join(str(e).split())}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")

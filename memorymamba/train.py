@@ -255,6 +255,11 @@ def _train(cfg, ckpt, d):
         raise RunError(f"run folder {run_dir} already holds a run; pick another --name or --resume it")
     d.barrier()
 
+    if d.world > 1 and cfg.data == "synthetic":  # rank 0 generates the cached dataset, the others wait
+        from .data import ensure_synthetic, synthetic_spec
+        if d.main:
+            ensure_synthetic(synthetic_spec(cfg))
+        d.barrier()
     data = prepare(cfg)
     classes = data.classes
     if ckpt and ckpt["classes"] != classes:

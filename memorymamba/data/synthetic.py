@@ -29,7 +29,7 @@ from scipy import ndimage
 from scipy.special import ndtri
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
-GENERATOR_VERSION = 1  # bump when drawing changes so stale caches are not reused
+GENERATOR_VERSION = 2  # bump when drawing changes so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,8 @@ def draw(rng: np.random.Generator, label: int, n: int) -> np.ndarray:
     yy, xx = _grid(n)
     defect = _DRAW[label](rng, yy, xx, n)
     # small defects need more contrast to stand out of the texture as much as large ones
-    strength = rng.uniform(2.0, 3.5) * _GAIN[label] * (1 if rng.random() < 0.5 else -1)
-    img = _background(rng, n) * rng.uniform(0.5, 0.9) + strength * defect
+    strength = rng.uniform(2.5, 4.0) * _GAIN[label] * (1 if rng.random() < 0.5 else -1)
+    img = _background(rng, n) * rng.uniform(0.35, 0.7) + strength * defect
     img = img + rng.normal(0, rng.uniform(0.1, 0.5), img.shape)
     if rng.random() < 0.5:
         img = ndimage.gaussian_filter(img, rng.uniform(0.3, 0.7))
@@ -204,8 +204,10 @@ def generate_arrays(spec: SyntheticSpec, split: str) -> tuple[np.ndarray, np.nda
     return np.stack(images), np.asarray(labels, np.int64)
 
 
-def write_tree(spec: SyntheticSpec, root: str) -> str:
-    """Write train/val/test/<class>/<class>_<i>.png under `root` atomically; returns root."""
+def write_tree(spec: SyntheticSpec, root: str, replace: bool = True) -> str:
+    """Write train/val/test/<class>/<class>_<i>.png under `root`, built in a temp folder and renamed
+    into place, so readers never see a half-written tree. With replace=False an existing `root`
+    (another process won the race) is kept. Returns root."""
     from PIL import Image
 
     parent = os.path.dirname(os.path.abspath(root)) or "."
@@ -223,9 +225,14 @@ def write_tree(spec: SyntheticSpec, root: str) -> str:
                 Image.fromarray(img, mode="L").save(os.path.join(folder, f"{name}_{k:04d}.png"))
         with open(os.path.join(tmp, "synthetic.json"), "w") as f:
             json.dump({**asdict(spec), "version": GENERATOR_VERSION, "classes": list(CLASSES)}, f, indent=2)
-        if os.path.exists(root):
+        if replace and os.path.exists(root):
             shutil.rmtree(root)
-        os.replace(tmp, root)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if replace or not os.path.exists(os.path.join(root, "synthetic.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -233,8 +240,8 @@ def write_tree(spec: SyntheticSpec, root: str) -> str:
 
 
 def ensure_synthetic(spec: SyntheticSpec, root: str | None = None) -> str:
-    """Path of the cached dataset for `spec`, generating it on first use."""
+    """Path of the cached dataset for `spec`, generating it on first use (safe under concurrency)."""
     root = root or os.path.join(cache_root(), f"synthetic-{spec.key()}")
     if not os.path.exists(os.path.join(root, "synthetic.json")):
-        write_tree(spec, root)
+        write_tree(spec, root, replace=False)
     return root
