@@ -50,11 +50,15 @@ def coarse_contrastive_loss(h_c: torch.Tensor, target: torch.Tensor, margin: flo
         raise ValueError(f"h_c must have shape (batch, c), got {tuple(h_c.shape)}")
     if target.shape != (h_c.shape[0],):
         raise ValueError(f"target must have shape (batch,) = ({h_c.shape[0]},), got {tuple(target.shape)}")
+    with torch.autocast(h_c.device.type, enabled=False):  # losses in fp32 whatever the forward ran in
+        return _coarse_contrastive(h_c.float(), target, margin)
+
+
+def _coarse_contrastive(h: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
     classes, index = torch.unique(target, return_inverse=True)
     K = classes.numel()
     if K < 2:
-        return h_c.sum() * 0.0
-    h = h_c.float()
+        return h.sum() * 0.0
     sums = h.new_zeros(K, h.shape[1]).index_add_(0, index, h)
     counts = torch.bincount(index, minlength=K).to(h.dtype)
     protos = F.normalize(sums / counts[:, None], dim=1, eps=COS_EPS)
@@ -73,8 +77,9 @@ def fine_infonce_loss(z: torch.Tensor, g: torch.Tensor, temperature: float = 0.5
     B = z.shape[0]
     if B < 2:
         return (z.sum() + g.sum()) * 0.0
-    logits = F.normalize(z.float(), dim=1, eps=COS_EPS) @ F.normalize(g.float(), dim=1, eps=COS_EPS).t()
-    return F.cross_entropy(logits / temperature, torch.arange(B, device=z.device))
+    with torch.autocast(z.device.type, enabled=False):  # losses in fp32 whatever the forward ran in
+        logits = F.normalize(z.float(), dim=1, eps=COS_EPS) @ F.normalize(g.float(), dim=1, eps=COS_EPS).t()
+        return F.cross_entropy(logits / temperature, torch.arange(B, device=z.device))
 
 
 class MemoryMambaLoss(nn.Module):

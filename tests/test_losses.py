@@ -168,3 +168,14 @@ def test_bad_call_arguments():
         fine_infonce_loss(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"target must have shape \(batch,\) = \(3,\)"):
         coarse_contrastive_loss(torch.randn(3, 4), torch.tensor([0, 1]))
+
+
+def test_terms_run_in_fp32_under_autocast():
+    h = torch.randn(6, 4).bfloat16()
+    target = torch.tensor([0, 1, 2, 0, 1, 1])
+    z, g = torch.randn(6, 8).bfloat16(), torch.randn(6, 8).bfloat16()
+    expected = (coarse_contrastive_loss(h.float(), target), fine_infonce_loss(z.float(), g.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (coarse_contrastive_loss(h, target), fine_infonce_loss(z, g))
+    for e, a in zip(expected, got):
+        assert a.dtype == torch.float32 and torch.equal(a, e)

@@ -254,3 +254,17 @@ def test_model_on_cuda_matches_cpu(backend):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters())
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.isfinite(gpu(x.cuda()).float()).all()
+
+
+def test_cpu_autocast_bf16_forward_backward():
+    model = memorymamba.create_model("memorymamba_nano", num_classes=3, depths=[1, 1, 2, 1], backend="torch")
+    x = torch.randn(3, 3, 32, 36)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(x, return_aux=True)
+        loss, parts = memorymamba.MemoryMambaLoss(lambda_c=1.0, lambda_f=1.0)(logits, torch.tensor([0, 2, 2]), aux)
+    assert logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in parts.values())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        print(f"bf16 autocast vs fp32 logits: max abs diff {(logits.float() - model(x)).abs().max().item():.3e}")

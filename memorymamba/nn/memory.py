@@ -54,9 +54,10 @@ class MemoryNetwork(nn.Module):
         """p (B, dim) pooled features -> (add (B, dim), h (B, size) query logits, v (B, dim) readout)."""
         from memorymamba import ops
 
-        w, h, v = ops.memory_attention(
-            p, self.query.fc1.weight, self.query.fc1.bias, self.query.fc2.weight, self.query.fc2.bias,
-            self.cells, self.similarity, backend=backend)
+        with torch.autocast(p.device.type, enabled=False):  # the op keeps its own (fp32) precision
+            w, h, v = ops.memory_attention(
+                p, self.query.fc1.weight, self.query.fc1.bias, self.query.fc2.weight, self.query.fc2.bias,
+                self.cells, self.similarity, backend=backend)
         add = self.scale * w if self.fusion else v
         return add, h, v
 

@@ -144,8 +144,11 @@ class SS2D(nn.Module):
                     aux.fine_proj = self.fine_memory.proj(v_f)
             aux.pooled = p
             f = f + add.to(f.dtype)[:, :, None, None]  # fp32 memory params must not promote f under autocast
-        y = ops.cross_selective_scan(self.act(f), self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                                     self.A_logs, self.Ds, delta_softplus=True, backend=self.backend)
+        u = self.act(f)
+        # The op keeps its own precision (fp32 maths, output in u's dtype); autocast must not recast inside it.
+        with torch.autocast(u.device.type, enabled=False):
+            y = ops.cross_selective_scan(u, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                         self.A_logs, self.Ds, delta_softplus=True, backend=self.backend)
         if not self.channel_first:
             y = y.permute(0, 2, 3, 1)
         out = self.dropout(self.out_proj(self.out_norm(y)))
