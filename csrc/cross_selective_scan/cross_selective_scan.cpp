@@ -1,0 +1,387 @@
+// Fused cross-direction selective scan: input checks, the CPU kernels, and the Python bindings.
+//
+// CPU forward: one task per (batch, channel) runs all four directions, so the cross-merge is a sum
+// in a private fp32 row and y is written once. CPU backward: one task per (batch, direction) loops
+// over channels in order, so its slice of d(x_dbl) (a reduction over channels) has one fixed
+// summation order: deterministic for any thread count. Backward recomputes the forward fully.
+// Each task splits its work into vectorisable per-position loops (spatial order) and the scalar
+// recurrence, which walks the direction's index map through a precomputed permutation.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common/registry.h"
+#include "cross_selective_scan/cross_selective_scan.h"
+#include "cross_selective_scan/dispatch.h"
+
+#ifdef MEMORYMAMBA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace css {
+
+#ifdef MEMORYMAMBA_WITH_CUDA
+// Defined in cross_selective_scan_cuda.cu.
+void fwd_cuda(FwdParams& p, at::ScalarType dtype);
+void bwd_cuda(BwdParams& p, at::ScalarType dtype);
+int cuda_segment_len();
+#endif
+
+namespace {
+
+// Per-position loops: vectorised for AVX2 where the CPU has it (GCC function multi-versioning).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CSS_VEC __attribute__((target_clones("avx2", "default")))
+#else
+#define CSS_VEC
+#endif
+
+// dt_raw = bias + w . dts; delta = softplus(dt_raw); a = exp(delta A); bu = delta B u.
+// xd: the (R+2N, L) x_dbl slice of one (batch, direction); a, bu: (L, N).
+CSS_VEC void discretize(const float* __restrict__ xd, const float* __restrict__ w, float bias,
+                        const float* __restrict__ A, const float* __restrict__ u, int64_t L, int R,
+                        int N, bool softplus, float* __restrict__ dt, float* __restrict__ delta,
+                        float* __restrict__ a, float* __restrict__ bu) {
+  for (int64_t l = 0; l < L; ++l) dt[l] = bias;
+  for (int r = 0; r < R; ++r) {
+    const float wr = w[r];
+    const float* __restrict__ row = xd + r * L;
+    for (int64_t l = 0; l < L; ++l) dt[l] += wr * row[l];
+  }
+  if (softplus) {
+    for (int64_t l = 0; l < L; ++l) delta[l] = css_delta(dt[l], true);
+  } else {
+    for (int64_t l = 0; l < L; ++l) delta[l] = css_delta(dt[l], false);
+  }
+  for (int n = 0; n < N; ++n) {
+    const float An = A[n];
+    const float* __restrict__ Bn = xd + (R + n) * L;
+    for (int64_t l = 0; l < L; ++l) {
+      a[l * N + n] = css_decay(delta[l], An);
+      bu[l * N + n] = css_input(delta[l], Bn[l], u[l]);
+    }
+  }
+}
+
+// Fixed-order sum of x*y over L (8 interleaved partial sums so it vectorises; same order every call).
+CSS_VEC float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t L) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += x[l + j] * y[l + j];
+  float s = 0.f;
+  for (; l < L; ++l) s += x[l] * y[l];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+// The recurrence along direction k: writes h_t (state after step t) at its spatial index.
+// hs_prev (optional): the state before step t, also at its spatial index (backward needs it).
+template <int kN>  // kN = 1: the VMamba d_state=1 fast path; kN = 0: runtime N
+void scan_forward(const int32_t* __restrict__ perm, const float* __restrict__ a,
+                  const float* __restrict__ bu, int64_t L, int N_rt, float* __restrict__ hs,
+                  float* __restrict__ hs_prev) {
+  const int N = kN ? kN : N_rt;
+  float h[kMaxDState] = {0.f};
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t o = int64_t(perm[t]) * N;
+    for (int n = 0; n < N; ++n) {
+      if (hs_prev) hs_prev[o + n] = h[n];
+      const Affine step = css_combine({1.f, h[n]}, {a[o + n], bu[o + n]});
+      h[n] = step.b;
+      hs[o + n] = h[n];
+    }
+  }
+}
+
+// Reverse recurrence for the state gradient: dh_t = C_t g_t + a_{t+1} dh_{t+1}, at spatial index.
+template <int kN>
+void scan_backward(const int32_t* __restrict__ perm, const float* __restrict__ a,
+                   const float* __restrict__ Cmat, const float* __restrict__ g, int64_t L, int N_rt,
+                   float* __restrict__ dhs) {
+  const int N = kN ? kN : N_rt;
+  float e[kMaxDState] = {0.f};  // a_{t+1} dh_{t+1}: the gradient flowing into h_t from the future
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const int64_t l = perm[t];
+    for (int n = 0; n < N; ++n) {
+      const float dh = Cmat[n * L + l] * g[l] + e[n];
+      dhs[l * N + n] = dh;
+      e[n] = a[l * N + n] * dh;
+    }
+  }
+}
+
+// Per-position backward (spatial order, vectorisable): fills ddt (= d dt_raw), du, dB/dC rows of
+// dxd, and the dA sums of this channel.
+CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict__ dxd,
+                                const float* __restrict__ A, const float* __restrict__ u,
+                                const float* __restrict__ g, const float* __restrict__ dt,
+                                const float* __restrict__ delta, const float* __restrict__ a,
+                                const float* __restrict__ hs_prev, const float* __restrict__ hs,
+                                const float* __restrict__ dhs, float Dk, int64_t L, int R, int N,
+                                bool softplus, float* __restrict__ ddt, float* __restrict__ du,
+                                float* __restrict__ dA_sum, float* __restrict__ tmp) {
+  for (int64_t l = 0; l < L; ++l) {
+    ddt[l] = 0.f;
+    du[l] = g[l] * Dk;
+  }
+  for (int n = 0; n < N; ++n) {
+    const float An = A[n];
+    const float* __restrict__ Bn = xd + (R + n) * L;
+    float* __restrict__ dBn = dxd + (R + n) * L;
+    float* __restrict__ dCn = dxd + (R + N + n) * L;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t o = l * N + n;
+      float dA_l = 0.f;
+      dBn[l] += css_step_bwd(dhs[o], hs_prev[o], a[o], delta[l], An, Bn[l], u[l], ddt[l], du[l], dA_l);
+      dCn[l] += g[l] * hs[o];
+      tmp[l] = dA_l;
+    }
+    float s = 0.f;
+    for (int64_t l = 0; l < L; ++l) s += tmp[l];
+    dA_sum[n] = s;
+  }
+  if (softplus) {
+    for (int64_t l = 0; l < L; ++l) ddt[l] *= css_delta_grad(dt[l], true);
+  }
+}
+
+std::vector<int32_t> direction_permutations(int H, int W) {
+  const int64_t L = int64_t(H) * W;
+  std::vector<int32_t> perm(kDirections * L);
+  for (int k = 0; k < kDirections; ++k)
+    for (int64_t t = 0; t < L; ++t) perm[k * L + t] = int32_t(css_spatial_index(k, t, H, W));
+  return perm;
+}
+
+template <typename T>
+void load_row(const T* x, int64_t hs, int64_t ws, int H, int W, float* out) {
+  for (int h = 0; h < H; ++h)
+    for (int w = 0; w < W; ++w) out[int64_t(h) * W + w] = static_cast<float>(x[h * hs + w * ws]);
+}
+
+template <typename T>
+void fwd_cpu(const FwdParams& p) {
+  const int D = p.dim, R = p.dt_rank, N = p.dstate, H = p.height, W = p.width;
+  const int64_t L = p.seqlen, C = R + 2 * N;
+  const std::vector<int32_t> perm = direction_permutations(H, W);
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  at::parallel_for(0, int64_t(p.batch) * D, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(4 * L + 3 * L * N);
+    float *u = buf.data(), *dt = u + L, *delta = dt + L, *yacc = delta + L, *hs = yacc + L;
+    float *a = hs + L * N, *bu = a + L * N;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / D, d = task % D;
+      load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, u);
+      float Dsum = 0.f;
+      for (int k = 0; k < kDirections; ++k) Dsum += p.Ds[k * D + d];
+      for (int64_t l = 0; l < L; ++l) yacc[l] = Dsum * u[l];
+      for (int k = 0; k < kDirections; ++k) {
+        const int64_t kd = int64_t(k) * D + d;
+        const float* xd = p.xdbl + (b * kDirections + k) * C * L;
+        float A[kMaxDState];
+        for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
+        discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u, L, R, N, p.delta_softplus, dt, delta, a, bu);
+        if (N == 1) scan_forward<1>(perm.data() + k * L, a, bu, L, N, hs, nullptr);
+        else scan_forward<0>(perm.data() + k * L, a, bu, L, N, hs, nullptr);
+        for (int n = 0; n < N; ++n) {
+          const float* Cn = xd + (R + N + n) * L;
+          for (int64_t l = 0; l < L; ++l) yacc[l] += Cn[l] * hs[l * N + n];
+        }
+      }
+      T* yrow = y + task * L;
+      for (int64_t l = 0; l < L; ++l) yrow[l] = static_cast<T>(yacc[l]);
+    }
+  });
+}
+
+template <typename T>
+void bwd_cpu(const BwdParams& p) {
+  const int D = p.dim, R = p.dt_rank, N = p.dstate, H = p.height, W = p.width;
+  const int64_t L = p.seqlen, C = R + 2 * N;
+  const std::vector<int32_t> perm = direction_permutations(H, W);
+  const T* x = static_cast<const T*>(p.x);
+  at::parallel_for(0, int64_t(p.batch) * kDirections, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(5 * L + 5 * L * N);
+    float *u = buf.data(), *dt = u + L, *delta = dt + L, *ddt = delta + L, *tmp = ddt + L;
+    float *a = tmp + L, *bu = a + L * N, *hs = bu + L * N, *hs_prev = hs + L * N, *dhs = hs_prev + L * N;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kDirections;
+      const int k = int(task % kDirections);
+      const float* xd = p.xdbl + task * C * L;
+      float* dxd = p.dxdbl + task * C * L;
+      for (int64_t i = 0; i < C * L; ++i) dxd[i] = 0.f;
+      const int32_t* pk = perm.data() + k * L;
+      for (int d = 0; d < D; ++d) {
+        const int64_t kd = int64_t(k) * D + d;
+        const int64_t part = (b * kDirections + k) * D + d;  // index into the (B, K, D, ...) partials
+        const float* g = p.dy + (b * D + d) * L;
+        load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, u);
+        float A[kMaxDState], dA_sum[kMaxDState];
+        for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
+        discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u, L, R, N, p.delta_softplus, dt, delta, a, bu);
+        if (N == 1) {
+          scan_forward<1>(pk, a, bu, L, N, hs, hs_prev);
+          scan_backward<1>(pk, a, xd + (R + N) * L, g, L, N, dhs);
+        } else {
+          scan_forward<0>(pk, a, bu, L, N, hs, hs_prev);
+          scan_backward<0>(pk, a, xd + (R + N) * L, g, L, N, dhs);
+        }
+        float* du = p.du + part * L;
+        grads_per_position(xd, dxd, A, u, g, dt, delta, a, hs_prev, hs, dhs, p.Ds[kd], L, R, N,
+                           p.delta_softplus, ddt, du, dA_sum, tmp);
+        for (int n = 0; n < N; ++n) p.dA_logs_part[part * N + n] = dA_sum[n] * A[n];
+        p.dDs_part[part] = dot(g, u, L);
+        float sum_ddt = 0.f;
+        for (int64_t l = 0; l < L; ++l) sum_ddt += ddt[l];
+        p.ddt_b_part[part] = sum_ddt;
+        const float* w = p.dt_w + kd * R;
+        for (int r = 0; r < R; ++r) {
+          p.ddt_w_part[part * R + r] = dot(ddt, xd + r * L, L);
+          float* drow = dxd + r * L;
+          const float wr = w[r];
+          for (int64_t l = 0; l < L; ++l) drow[l] += wr * ddt[l];
+        }
+      }
+    }
+  });
+}
+
+// ---- checks shared by both devices ---------------------------------------------------------------
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+void check_tensor(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Device& dev,
+                  bool need_fp32, bool need_contiguous, const char* shape_desc) {
+  MM_CHECK(t.device() == dev, name, " must be on ", dev, " like x, got ", t.device());
+  MM_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", shape_desc, " = ",
+           shape_str(shape), ", got ", shape_str(t.sizes()));
+  if (need_fp32) MM_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  if (need_contiguous) MM_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+FwdParams make_fwd_params(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w,
+                          const at::Tensor& dt_b, const at::Tensor& A_logs, const at::Tensor& Ds,
+                          bool delta_softplus) {
+  MM_CHECK(x.dim() == 4, "x must have shape (batch, dim, height, width), got ", shape_str(x.sizes()));
+  MM_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+           "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  const int64_t B = x.size(0), D = x.size(1), H = x.size(2), W = x.size(3);
+  MM_CHECK(B >= 1 && D >= 1 && H >= 1 && W >= 1, "x must have no empty dimension, got ", shape_str(x.sizes()));
+  MM_CHECK(H * W <= INT32_MAX, "height*width must fit in int32, got ", H * W);
+  MM_CHECK(dt_w.dim() == 3, "dt_projs_weight must have shape (4, dim, dt_rank), got ", shape_str(dt_w.sizes()));
+  const int64_t R = dt_w.size(2);
+  MM_CHECK(R >= 1 && R <= kMaxDtRank, "dt_rank must be in [1, ", kMaxDtRank, "], got ", R);
+  MM_CHECK(A_logs.dim() == 2, "A_logs must have shape (4*dim, d_state), got ", shape_str(A_logs.sizes()));
+  const int64_t N = A_logs.size(1);
+  MM_CHECK(N >= 1 && N <= kMaxDState, "d_state (A_logs.shape[1]) must be in [1, ", kMaxDState,
+           "] for the fused kernel, got ", N);
+  const auto dev = x.device();
+  check_tensor(xdbl, "x_dbl", {B, kDirections, R + 2 * N, H * W}, dev, true, true,
+               "(batch, 4, dt_rank + 2*d_state, height*width)");
+  check_tensor(dt_w, "dt_projs_weight", {kDirections, D, R}, dev, true, true, "(4, dim, dt_rank)");
+  check_tensor(dt_b, "dt_projs_bias", {kDirections, D}, dev, true, true, "(4, dim)");
+  check_tensor(A_logs, "A_logs", {kDirections * D, N}, dev, true, true, "(4*dim, d_state)");
+  check_tensor(Ds, "Ds", {kDirections * D}, dev, true, true, "(4*dim,)");
+  FwdParams p{};
+  p.batch = int(B); p.dim = int(D); p.height = int(H); p.width = int(W);
+  p.seqlen = int(H * W); p.dstate = int(N); p.dt_rank = int(R);
+  p.delta_softplus = delta_softplus;
+  p.x_batch_stride = x.stride(0); p.x_dim_stride = x.stride(1);
+  p.x_h_stride = x.stride(2); p.x_w_stride = x.stride(3);
+  p.x = x.data_ptr(); p.xdbl = xdbl.data_ptr<float>();
+  p.dt_w = dt_w.data_ptr<float>(); p.dt_b = dt_b.data_ptr<float>();
+  p.A_logs = A_logs.data_ptr<float>(); p.Ds = Ds.data_ptr<float>();
+  return p;
+}
+
+// y: CPU (B, D, H, W) in x's dtype; CUDA (B, D, H, W) fp32 (the four directions accumulate in it).
+void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, const at::Tensor& dt_b,
+         const at::Tensor& A_logs, const at::Tensor& Ds, at::Tensor& y, bool delta_softplus) {
+  FwdParams p = make_fwd_params(x, xdbl, dt_w, dt_b, A_logs, Ds, delta_softplus);
+  const bool cuda = x.is_cuda();
+  check_tensor(y, "y", {p.batch, p.dim, p.height, p.width}, x.device(), cuda, true, "(batch, dim, height, width)");
+  if (!cuda) MM_CHECK(y.scalar_type() == x.scalar_type(), "y must have x's dtype ", x.scalar_type(), ", got ", y.scalar_type());
+  p.y = y.data_ptr();
+  if (cuda) {
+#ifdef MEMORYMAMBA_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    fwd_cuda(p, x.scalar_type());
+    return;
+#else
+    MM_CHECK(false, "memorymamba._C was built without CUDA kernels; x is on ", x.device());
+#endif
+  }
+  CSS_DISPATCH_INPUT_TYPES(x.scalar_type(), "cross_selective_scan_fwd",
+                                  [&] { fwd_cpu<scalar_t>(p); });
+}
+
+// Outputs (fp32, allocated by the caller, fully overwritten):
+//   du: CPU (B, 4, D, L) per direction; CUDA (B, D, L)
+//   dxdbl: (B, 4, R+2N, L); dxdbl_part: CUDA deterministic mode (B, 4, D, 1+2N, L), else undefined
+//   ddt_w_part (B, 4, D, R), ddt_b_part (B, 4, D), dA_logs_part (B, 4, D, N), dDs_part (B, 4, D)
+//   seg_states: CUDA scratch (B, D, 4, ceil(L / segment_len), N); undefined on CPU
+void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, const at::Tensor& dt_b,
+         const at::Tensor& A_logs, const at::Tensor& Ds, const at::Tensor& dy, at::Tensor& du,
+         at::Tensor& dxdbl, const c10::optional<at::Tensor>& dxdbl_part, at::Tensor& ddt_w_part,
+         at::Tensor& ddt_b_part, at::Tensor& dA_logs_part, at::Tensor& dDs_part,
+         const c10::optional<at::Tensor>& seg_states, bool delta_softplus) {
+  BwdParams p{};
+  static_cast<FwdParams&>(p) = make_fwd_params(x, xdbl, dt_w, dt_b, A_logs, Ds, delta_softplus);
+  const int64_t B = p.batch, D = p.dim, L = p.seqlen, N = p.dstate, R = p.dt_rank, K = kDirections;
+  const bool cuda = x.is_cuda();
+  const auto dev = x.device();
+  check_tensor(dy, "dy", {B, D, p.height, p.width}, dev, true, true, "(batch, dim, height, width)");
+  if (cuda) check_tensor(du, "du", {B, D, L}, dev, true, true, "(batch, dim, height*width)");
+  else check_tensor(du, "du", {B, K, D, L}, dev, true, true, "(batch, 4, dim, height*width)");
+  check_tensor(dxdbl, "dxdbl", {B, K, R + 2 * N, L}, dev, true, true, "(batch, 4, dt_rank + 2*d_state, height*width)");
+  check_tensor(ddt_w_part, "ddt_w_part", {B, K, D, R}, dev, true, true, "(batch, 4, dim, dt_rank)");
+  check_tensor(ddt_b_part, "ddt_b_part", {B, K, D}, dev, true, true, "(batch, 4, dim)");
+  check_tensor(dA_logs_part, "dA_logs_part", {B, K, D, N}, dev, true, true, "(batch, 4, dim, d_state)");
+  check_tensor(dDs_part, "dDs_part", {B, K, D}, dev, true, true, "(batch, 4, dim)");
+  p.dy = dy.data_ptr<float>(); p.du = du.data_ptr<float>(); p.dxdbl = dxdbl.data_ptr<float>();
+  p.ddt_w_part = ddt_w_part.data_ptr<float>(); p.ddt_b_part = ddt_b_part.data_ptr<float>();
+  p.dA_logs_part = dA_logs_part.data_ptr<float>(); p.dDs_part = dDs_part.data_ptr<float>();
+  p.dxdbl_part = nullptr;
+  p.seg_states = nullptr;
+  if (cuda) {
+#ifdef MEMORYMAMBA_WITH_CUDA
+    if (dxdbl_part.has_value() && dxdbl_part->defined()) {
+      check_tensor(*dxdbl_part, "dxdbl_part", {B, K, D, 1 + 2 * N, L}, dev, true, true,
+                   "(batch, 4, dim, 1 + 2*d_state, height*width)");
+      p.dxdbl_part = dxdbl_part->data_ptr<float>();
+    }
+    const int64_t nseg = (L + cuda_segment_len() - 1) / cuda_segment_len();
+    MM_CHECK(seg_states.has_value() && seg_states->defined(), "seg_states is required on CUDA");
+    check_tensor(*seg_states, "seg_states", {B, D, K, nseg, N}, dev, true, true,
+                 "(batch, dim, 4, ceil(height*width / segment_len), d_state)");
+    p.seg_states = seg_states->data_ptr<float>();
+    c10::cuda::CUDAGuard guard(x.device());
+    bwd_cuda(p, x.scalar_type());
+    return;
+#else
+    MM_CHECK(false, "memorymamba._C was built without CUDA kernels; x is on ", x.device());
+#endif
+  }
+  CSS_DISPATCH_INPUT_TYPES(x.scalar_type(), "cross_selective_scan_bwd",
+                                  [&] { bwd_cpu<scalar_t>(p); });
+}
+
+}  // namespace
+}  // namespace css
+
+void bind_cross_selective_scan(pybind11::module_& m) {
+  m.def("cross_selective_scan_fwd", &css::fwd, "fused cross-direction selective scan, forward");
+  m.def("cross_selective_scan_bwd", &css::bwd, "fused cross-direction selective scan, backward");
+  m.attr("css_max_dstate") = css::kMaxDState;
+  m.attr("css_max_dt_rank") = css::kMaxDtRank;
+#ifdef MEMORYMAMBA_WITH_CUDA
+  m.attr("css_cuda_segment_len") = css::cuda_segment_len();
+#endif
+}
