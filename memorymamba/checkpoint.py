@@ -1,10 +1,11 @@
 """Load VMamba classification checkpoints into MemoryMamba (DESIGN section 4).
 
 Our non-memory parameter names are VMamba's, so loading is matching by name: every tensor whose name
-and shape agree is copied; the memory networks (`*.coarse_memory.*`, `*.fine_memory.*`) keep their
-fresh initialisation; a classifier head of another class count is left fresh (reported as resized);
-a patch-embedding conv trained on another number of input channels is adapted (grayscale: the sum of
-the RGB filters, which gives the same response to a gray image replicated to RGB).
+and shape agree is copied; the memory networks (`*.coarse_memory.*`, `*.fine_memory.*`), which VMamba
+checkpoints lack, keep their fresh initialisation (a MemoryMamba checkpoint's memory tensors load
+when their shapes agree); a head of another class count, or memory of another size, is left fresh
+(reported as resized); a patch-embedding conv trained on another number of input channels is
+adapted (grayscale: the sum of the RGB filters, the same response to a gray image replicated to RGB).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ class LoadReport:
     """What load_vmamba_checkpoint did, by parameter/buffer name.
 
     loaded: copied from the checkpoint. fresh: memory tensors kept at their initialisation (VMamba has
-    none). resized: the head, left fresh because the class count differs, as "name: ckpt -> model
-    shape". adapted: loaded after adapting the input-channel count. missing: other model tensors the
+    none). resized: the head (another class count) or memory tensors (another memory size), left
+    fresh, as "name: ckpt -> model shape". adapted: loaded after adapting the input-channel count. missing: other model tensors the
     checkpoint lacks. unexpected: checkpoint tensors the model has no place for.
     """
 
@@ -114,7 +115,8 @@ def load_vmamba_checkpoint(model: nn.Module, path_or_dict, *, trusted: bool = Fa
     report = LoadReport()
     to_load, mismatched = {}, []
     for key, target in own.items():
-        if any(m in key for m in MEMORY_MARKERS):
+        is_memory = any(m in key for m in MEMORY_MARKERS)
+        if is_memory and key not in state:
             report.fresh.append(key)
             continue
         if key not in state:
@@ -127,7 +129,7 @@ def load_vmamba_checkpoint(model: nn.Module, path_or_dict, *, trusted: bool = Fa
         elif src.dim() == 4 and src.shape[2:] == (1, 1) and src.shape[:2] == target.shape:
             to_load[key] = src.reshape(target.shape)  # a 1x1-conv checkpoint of a Linear2d
             report.loaded.append(key)
-        elif key.startswith(HEAD_PREFIX):
+        elif key.startswith(HEAD_PREFIX) or is_memory:
             report.resized.append(f"{key}: {tuple(src.shape)} -> {tuple(target.shape)}")
         elif (key == STEM_KEY and src.dim() == 4 and src.shape[0] == target.shape[0]
               and src.shape[2:] == target.shape[2:]):

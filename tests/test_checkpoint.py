@@ -160,3 +160,18 @@ def test_bad_inputs():
         memorymamba.load_vmamba_checkpoint(model, 3)
     with pytest.raises(ValueError, match="'epoch' is a int"):
         memorymamba.load_vmamba_checkpoint(model, {"epoch": 3})
+
+
+def test_memorymamba_checkpoint_loads_its_memory():
+    src = memory_model(num_classes=3, coarse_memory_size=5)
+    sd = _perturbed_state_dict(src)
+    same = memory_model(num_classes=3, coarse_memory_size=5)
+    report = memorymamba.load_vmamba_checkpoint(same, sd)
+    assert sorted(report.loaded) == sorted(sd) and report.fresh == [] and report.resized == []
+    assert all(torch.equal(v, sd[k]) for k, v in same.state_dict().items())
+    other = memory_model(num_classes=3, coarse_memory_size=4)
+    report = memorymamba.load_vmamba_checkpoint(other, sd)
+    resized = {r.split(":")[0] for r in report.resized}
+    assert resized == {k for k in sd if k.endswith(("coarse_memory.cells", "coarse_memory.query.fc2.weight",
+                                                    "coarse_memory.query.fc2.bias"))}
+    assert "layers.0.blocks.0.op.coarse_memory.cells: (5, 24) -> (4, 24)" in report.resized
