@@ -28,8 +28,9 @@ class LoadReport:
 
     loaded: copied from the checkpoint. fresh: memory tensors kept at their initialisation (VMamba has
     none). resized: the head (another class count) or memory tensors (another memory size), left
-    fresh, as "name: ckpt -> model shape". adapted: loaded after adapting the input-channel count. missing: other model tensors the
-    checkpoint lacks. unexpected: checkpoint tensors the model has no place for.
+    fresh, as "name: ckpt -> model shape". adapted: loaded after adapting the input-channel count.
+    missing: other model tensors the checkpoint lacks. unexpected: checkpoint tensors the model has
+    no place for.
     """
 
     loaded: list[str] = field(default_factory=list)
