@@ -49,7 +49,7 @@ def test_config_precedence(tmp_path):
     j = tmp_path / "c.json"
     j.write_text(json.dumps({"train": {"batch_size": 16}}))
     cfg = resolve(load_file(str(j)))
-    assert (cfg.batch_size, cfg.recipe, cfg.image_size, cfg.lr) == (16, "synthetic", 64, 2e-3)
+    assert (cfg.batch_size, cfg.recipe, cfg.image_size, cfg.lr) == (16, "synthetic", 64, 1e-3)
 
 
 def _error(capsys, argv, pattern):
