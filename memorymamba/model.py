@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from memorymamba.nn.block import MemSSMBlock
 from memorymamba.nn.layers import LayerNorm2d, vmamba_init_weights
-from memorymamba.nn.memory import SIMILARITIES
+from memorymamba.nn.memory import SIMILARITIES, MemoryNetwork
 from memorymamba.nn.ss2d import BlockAux, SS2D
 
 BACKEND_CHOICES = (None, "torch", "cpu", "cuda")
@@ -170,6 +170,9 @@ class MemoryMamba(nn.Module):
             self.layers.append(_Stage(blocks, downsample))
         self.classifier = _Classifier(dims[-1], self.num_classes)
         self.apply(vmamba_init_weights)
+        for m in self.modules():  # VMamba's init covers the non-memory layers only
+            if isinstance(m, MemoryNetwork):
+                m.reset_parameters()
 
     @property
     def backend(self) -> str | None:

@@ -179,3 +179,21 @@ def test_terms_run_in_fp32_under_autocast():
         got = (coarse_contrastive_loss(h, target), fine_infonce_loss(z, g))
     for e, a in zip(expected, got):
         assert a.dtype == torch.float32 and torch.equal(a, e)
+
+
+def test_contrastive_gradient_is_not_ill_conditioned_at_init():
+    # Regression: with 0.02-std query MLPs, |h_c| ~ 1e-4 and the cosine hinge's gradient (~1/|h_c|) on the
+    # query MLPs was ~70x the whole CE gradient (250 vs 3.5), so gradient clipping starved the CE signal.
+    model = memorymamba.create_model("memorymamba_nano", num_classes=6, backend="torch").eval()
+    logits, aux = model(torch.randn(16, 3, 64, 64), return_aux=True)
+    target = torch.arange(16) % 6
+    params = list(model.parameters())
+
+    def grad_norm(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item()
+
+    ce = grad_norm(F.cross_entropy(logits, target))
+    contrastive = grad_norm(torch.stack([coarse_contrastive_loss(h, target) for h in aux.coarse]).mean())
+    print(f"gradient norms at init: CE {ce:.3f}, contrastive {contrastive:.3f}")
+    assert contrastive < 5 * ce

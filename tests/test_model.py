@@ -9,7 +9,7 @@ import memorymamba
 from memorymamba import ops
 from memorymamba.model import MemoryAux, model_config
 from memorymamba.nn import SS2D, MemSS2D
-from tests.conftest import assert_close
+from tests.conftest import assert_close, require_backend
 
 MEMORY_OFF = dict(use_coarse_memory=False, use_fine_memory=False, use_fusion=False)
 # Parameter counts of VMamba's own vmamba_{tiny_s1l8, small_s1l20, base_s1l20} (1000 classes), counted
@@ -268,3 +268,26 @@ def test_cpu_autocast_bf16_forward_backward():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
         print(f"bf16 autocast vs fp32 logits: max abs diff {(logits.float() - model(x)).abs().max().item():.3e}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_compiled_backend_model_matches_torch(backend):
+    device = require_backend(backend, "cross_selective_scan")
+    ref = memorymamba.create_model("memorymamba_nano", num_classes=4, depths=[1, 1, 2, 1], backend="torch").eval()
+    # backend=None on `device` tensors: the compiled ops where they exist, as users run the model.
+    fast = memorymamba.create_model("memorymamba_nano", num_classes=4, depths=[1, 1, 2, 1], backend=None).eval()
+    fast.load_state_dict(ref.state_dict())
+    fast.to(device)
+    x, target = torch.randn(3, 3, 37, 33), torch.tensor([0, 3, 3])
+    criterion = memorymamba.MemoryMambaLoss(lambda_c=1.0, lambda_f=1.0)
+    grads = []
+    for model, dev in ((ref, "cpu"), (fast, device)):
+        logits, aux = model(x.to(dev), return_aux=True)
+        criterion(logits, target.to(dev), aux)[0].backward()
+        grads.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(f"{backend} vs torch logits", grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    worst = max(grads[0][1], key=lambda n: (grads[1][1][n].cpu() - grads[0][1][n]).abs().max().item())
+    assert_close(f"{backend} vs torch grad ({worst}, the worst)", grads[1][1][worst], grads[0][1][worst],
+                 rtol=1e-3, atol=1e-5)
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n].cpu(), g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from memorymamba.nn.layers import Mlp, vmamba_init_weights
+from memorymamba.nn.layers import Mlp
 
 SIMILARITIES = ("cosine", "l1", "l2")
 
@@ -38,17 +38,32 @@ class MemoryNetwork(nn.Module):
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         hidden = hidden or query_hidden_width(dim)
         self.dim, self.size, self.similarity, self.fusion = dim, size, similarity, fusion
+        self.scale_init, self.cell_std = float(scale_init), float(cell_std)
         self.query = Mlp(dim, hidden, size, channel_first=False)
-        # Small cells keep a freshly added memory from disturbing a pretrained backbone at the start.
         self.cells = nn.Parameter(torch.empty(size, dim))
-        nn.init.trunc_normal_(self.cells, std=cell_std)
-        self.scale = nn.Parameter(torch.full((1,), float(scale_init))) if fusion else None
+        self.scale = nn.Parameter(torch.empty(1)) if fusion else None
         self.proj = Mlp(dim, hidden, dim, channel_first=False) if projection else None
-        # VMamba's Linear init (the whole model re-applies it; done here too for a standalone SS2D):
-        # small query weights and zero biases start the softmax over cells near uniform.
-        self.query.apply(vmamba_init_weights)
-        if self.proj is not None:
-            self.proj.apply(vmamba_init_weights)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fresh memory: small cells, scale = scale_init, fan-in (Kaiming) MLP weights, zero biases.
+
+        Small cells keep a new memory from disturbing a pretrained backbone at the start. The MLPs do
+        not take VMamba's 0.02 Linear init: with it the query logits h_c were ~1e-3 of |p|, and the
+        contrastive hinge, a cosine of h_c whose gradient grows as 1/|h_c|, gave the query MLP a
+        gradient norm of 250 against 3.5 for the whole classification gradient at initialisation
+        (nano, batch 16), which gradient clipping then turns into a starved CE signal. Fan-in scaling
+        keeps |h_c| ~ |p| (measured: query-MLP gradient 2.0).
+        """
+        nn.init.trunc_normal_(self.cells, std=self.cell_std)
+        if self.scale is not None:
+            self.scale.fill_(self.scale_init)
+        for mlp in (self.query, self.proj):
+            if mlp is not None:
+                for linear in (mlp.fc1, mlp.fc2):
+                    nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+                    nn.init.zeros_(linear.bias)
 
     def forward(self, p: torch.Tensor, *, backend: str | None = None):
         """p (B, dim) pooled features -> (add (B, dim), h (B, size) query logits, v (B, dim) readout)."""
