@@ -1,7 +1,8 @@
 // Scalar arithmetic of a selective scan, written once for the CPU and CUDA builds.
 //
 // What is here (all fp32, all MM_HD):
-//   mm_exp, mm_log1p, mm_sigmoid        fast intrinsics on the GPU, libm on the host
+//   mm_exp, mm_log1p, mm_sigmoid        fast intrinsics on the GPU, branch-free polynomials
+//                                       on the host (vectorisable)
 //   softplus / softplus_grad            mamba's threshold: x > 20 -> x
 //   silu / silu_grad                    the z gate y * silu(z)
 //   ScanPair, scan_combine              state recurrence x_t = a_t * x_{t-1} + b_t as an
@@ -11,25 +12,72 @@
 // cross_selective_scan includes this header too: keep the names stable.
 #pragma once
 
+#include <bit>
 #include <cmath>
 
 #include "common/macros.h"
 
 namespace memorymamba {
 
+#if !defined(__CUDA_ARCH__)
+namespace host {
+// Branch-free Cephes-style exp/log (about 1 ulp in the ranges the scan uses) so that the CPU
+// kernels' loops over positions auto-vectorise; libm calls would keep them scalar.
+inline float exp_poly(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.f ? 88.f : x);  // keeps 2^n a normal float
+  const float t = x * 1.44269504f;
+  const float fn = (t + 12582912.f) - 12582912.f;    // round to nearest without a libm call
+  const float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;  // x - n*ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * std::bit_cast<float>((static_cast<int>(fn) + 127) << 23);
+}
+
+// log(v) for normal v > 0.
+inline float log_poly(float v) {
+  const int bits = std::bit_cast<int>(v);
+  const float m0 = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const bool small = m0 < 0.707106781f;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 126 - (small ? 1 : 0));
+  const float m = small ? m0 + m0 - 1.f : m0 - 1.f;
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float r = p * m * z + e * -2.12194440e-4f - 0.5f * z;
+  return m + r + e * 0.693359375f;
+}
+}  // namespace host
+#endif
+
 MM_HD float mm_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  return std::exp(x);
+  return host::exp_poly(x);
 #endif
 }
 
-MM_HD float mm_log1p(float x) {
+// log1p(y) for y > -1.
+MM_HD float mm_log1p(float y) {
 #if defined(__CUDA_ARCH__)
-  return log1pf(x);
+  return log1pf(y);
 #else
-  return std::log1p(x);
+  // log(v) * y / (v - 1) cancels the rounding of v = 1 + y (Goldberg); v == 1: log1p(y) == y.
+  const float v = 1.f + y;
+  const float lv = host::log_poly(v);
+  return v == 1.f ? y : lv * (y / (v - 1.f));
 #endif
 }
 

@@ -1,9 +1,9 @@
 // selective_scan: input checks, the CPU kernels, device dispatch and the Python binding.
 //
 // The CPU kernels run the MM_HD arithmetic of common/ssm_math.h, the same functions the CUDA
-// kernels run. Forward: one task per (batch, channel), sequential over L. Backward: tasks own
-// a slice of channels of one (batch, group) so that variable dB/dC sums need no atomics, and
-// recompute each chunk's states from the chunk-start states the forward saved.
+// kernels run. Forward: one task per (batch, channel). Backward: tasks own a slice of channels
+// of one (batch, group) so that variable dB/dC sums need no atomics, and recompute each
+// chunk's states from the chunk-start states the forward saved.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -118,13 +118,52 @@ void fill_fwd(SSFwdParams& p, const at::Tensor& u, const at::Tensor& delta, cons
 }
 
 // ---------------------------------------------------------------- CPU kernels
+//
+// Each (batch, channel) row is walked chunk by chunk (kSelectiveScanChunk positions). Inside a
+// chunk the element-wise work (softplus, exp, products, gradients) runs as loops over positions
+// that the compiler vectorises, and only the recurrences x_t = a_t x_{t-1} + b_t (forward) and
+// g_t = dy_t C_t + a_{t+1} g_{t+1} (backward) run serially, one FMA per position.
 
-template <typename T>
-inline float ld(const void* p, int64_t i) {
-  return static_cast<float>(static_cast<const T*>(p)[i]);
+constexpr int64_t K = kSelectiveScanChunk;
+
+#if defined(__GNUC__)
+#define MM_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define MM_CPU_INLINE inline
+#endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MM_CPU_AVX2 1
+#endif
+
+bool cpu_has_avx2() {
+#ifdef MM_CPU_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
 }
 
-// Per-channel view of the inputs: base offsets of one (batch, channel) row.
+// `dst[k] = float(src[t0 + k])` for a chunk of a row.
+template <typename T>
+MM_CPU_INLINE void load_chunk(float* __restrict__ dst, const void* src, int64_t t0, int64_t len) {
+  const T* s = static_cast<const T*>(src) + t0;
+  for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<float>(s[k]);
+}
+
+// B or C of state n for a chunk: the variable row, or the constant repeated.
+template <typename T>
+MM_CPU_INLINE void load_bc(float* __restrict__ dst, const void* base, bool var, int64_t n_stride,
+                    int64_t n, int64_t t0, int64_t len) {
+  if (var) {
+    load_chunk<T>(dst, static_cast<const T*>(base) + n * n_stride, t0, len);
+  } else {
+    const float v = static_cast<const float*>(base)[n * n_stride];
+    for (int64_t k = 0; k < len; ++k) dst[k] = v;
+  }
+}
+
+// Per-channel view of the inputs: base pointers of one (batch, channel) row.
 template <typename input_t>
 struct Row {
   const void* u; const void* delta; const void* z;
@@ -153,53 +192,105 @@ struct Row {
     D = p.has_D ? p.D_ptr[d * p.D_stride] : 0.f;
     bias = p.has_delta_bias ? p.delta_bias_ptr[d * p.delta_bias_stride] : 0.f;
   }
-  float Bv(int64_t n, int64_t t) const {
-    return var_B ? ld<input_t>(B, n * B_n + t) : static_cast<const float*>(B)[n * B_n];
+  MM_CPU_INLINE void Bchunk(float* dst, int64_t n, int64_t t0, int64_t len) const {
+    load_bc<input_t>(dst, B, var_B, B_n, n, t0, len);
   }
-  float Cv(int64_t n, int64_t t) const {
-    return var_C ? ld<input_t>(C, n * C_n + t) : static_cast<const float*>(C)[n * C_n];
+  MM_CPU_INLINE void Cchunk(float* dst, int64_t n, int64_t t0, int64_t len) const {
+    load_bc<input_t>(dst, C, var_C, C_n, n, t0, len);
+  }
+  // Raw delta and effective delta (bias, softplus) of a chunk.
+  MM_CPU_INLINE void delta_chunk(float* __restrict__ raw, float* __restrict__ dt, int64_t t0, int64_t len,
+                   bool sp) const {
+    load_chunk<input_t>(raw, delta, t0, len);
+    const float bs = bias;
+    for (int64_t k = 0; k < len; ++k) dt[k] = effective_delta(raw[k], bs, sp);
   }
 };
 
-// kN > 0 fixes the state size at compile time (N = 1 is the VMamba case); 0 reads it from p.
-template <typename input_t, int kN>
-void fwd_cpu_kernel(const SSFwdParams& p) {
-  const int64_t N = kN > 0 ? kN : p.dstate, L = p.seqlen;
-  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / p.dim, d = i % p.dim;
-      const Row<input_t> r(p, b, d);
-      input_t* out = static_cast<input_t*>(p.out_ptr) + b * p.out_batch_stride + d * p.out_dim_stride;
-      float* states = p.states_ptr + i * p.n_chunks * N;
-      float x[kSelectiveScanMaxDState];
-      for (int64_t n = 0; n < N; ++n) x[n] = 0.f;
-      for (int64_t t = 0; t < L; ++t) {
-        const float u = ld<input_t>(r.u, t);
-        const float delta = effective_delta(ld<input_t>(r.delta, t), r.bias, p.delta_softplus);
-        float y = r.D * u;
-        for (int64_t n = 0; n < N; ++n) {
-          const ScanPair s = discretise(delta, r.A[n], r.Bv(n, t), u);
-          x[n] = s.a * x[n] + s.b;
-          y += r.Cv(n, t) * x[n];
-        }
-        if (r.z) y *= silu(ld<input_t>(r.z, t));
-        out[t] = static_cast<input_t>(y);
-        if ((t + 1) % kSelectiveScanChunk == 0 || t + 1 == L) {
-          float* s = states + (t / kSelectiveScanChunk) * N;
-          for (int64_t n = 0; n < N; ++n) s[n] = x[n];
-        }
+// Scratch of one thread: chunk-sized float arrays (N of them for the per-state ones).
+struct Scratch {
+  std::vector<float> mem;
+  float *uf, *raw, *dt, *y, *bf, *cf, *b, *dy, *dd, *dua, *g, *t1, *t2, *a, *xp;
+  explicit Scratch(int64_t N) : mem(13 * K + N * K + N * (K + 1)) {
+    float* p = mem.data();
+    for (float** q : {&uf, &raw, &dt, &y, &bf, &cf, &b, &dy, &dd, &dua, &g, &t1, &t2}) { *q = p; p += K; }
+    a = p; p += N * K;
+    xp = p;  // (N, K + 1): xp[n][k] = x_{t0+k-1}, so xp[n][k + 1] = x_{t0+k}
+  }
+};
+
+template <typename input_t>
+MM_CPU_INLINE void fwd_cpu_row(const SSFwdParams& p, int64_t b, int64_t d, Scratch& s) {
+  const int64_t N = p.dstate, L = p.seqlen;
+  const Row<input_t> r(p, b, d);
+  input_t* out = static_cast<input_t*>(p.out_ptr) + b * p.out_batch_stride + d * p.out_dim_stride;
+  float* states = p.states_ptr + (b * p.dim + d) * p.n_chunks * N;
+  float x[kSelectiveScanMaxDState];
+  for (int64_t n = 0; n < N; ++n) x[n] = 0.f;
+  for (int64_t c = 0; c < p.n_chunks; ++c) {
+    const int64_t t0 = c * K, len = std::min(K, L - t0);
+    load_chunk<input_t>(s.uf, r.u, t0, len);
+    r.delta_chunk(s.raw, s.dt, t0, len, p.delta_softplus);
+    for (int64_t k = 0; k < len; ++k) s.y[k] = r.D * s.uf[k];
+    for (int64_t n = 0; n < N; ++n) {
+      r.Bchunk(s.bf, n, t0, len);
+      r.Cchunk(s.cf, n, t0, len);
+      const float A = r.A[n];
+      for (int64_t k = 0; k < len; ++k) {
+        const ScanPair e = discretise(s.dt[k], A, s.bf[k], s.uf[k]);
+        s.a[k] = e.a;
+        s.b[k] = e.b;
       }
+      float xn = x[n];
+      for (int64_t k = 0; k < len; ++k) {
+        xn = s.a[k] * xn + s.b[k];
+        s.y[k] += s.cf[k] * xn;
+      }
+      x[n] = xn;
+      states[c * N + n] = xn;
     }
+    if (r.z) {
+      load_chunk<input_t>(s.t1, r.z, t0, len);
+      for (int64_t k = 0; k < len; ++k) s.y[k] *= silu(s.t1[k]);
+    }
+    for (int64_t k = 0; k < len; ++k) out[t0 + k] = static_cast<input_t>(s.y[k]);
+  }
+}
+
+// Rows [begin, end) of the forward, compiled for the baseline ISA and, on x86-64, again for
+// AVX2 (picked at run time): twice the vector width on the exp/log loops.
+template <typename input_t>
+void fwd_cpu_rows(const SSFwdParams& p, int64_t begin, int64_t end) {
+  Scratch s(p.dstate);
+  for (int64_t i = begin; i < end; ++i) fwd_cpu_row<input_t>(p, i / p.dim, i % p.dim, s);
+}
+#ifdef MM_CPU_AVX2
+template <typename input_t>
+__attribute__((target("avx2,fma"))) void fwd_cpu_rows_avx2(const SSFwdParams& p, int64_t begin,
+                                                          int64_t end) {
+  Scratch s(p.dstate);
+  for (int64_t i = begin; i < end; ++i) fwd_cpu_row<input_t>(p, i / p.dim, i % p.dim, s);
+}
+#endif
+
+template <typename input_t>
+void fwd_cpu_kernel(const SSFwdParams& p) {
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
+#ifdef MM_CPU_AVX2
+    if (avx2) return fwd_cpu_rows_avx2<input_t>(p, begin, end);
+#endif
+    fwd_cpu_rows<input_t>(p, begin, end);
   });
 }
 
-// Backward of one (batch, channel) row. dB/dC of variable B/C are added into `dB_row`/`dC_row`
-// (fp32, (N, L) contiguous); per-channel weight grads into the small fp32 accumulators.
-template <typename input_t, int kN>
-void bwd_cpu_row(const SSBwdParams& p, int64_t b, int64_t d, float* dB_row, float* dC_row,
-                 float* dA_acc, float* dBc_acc, float* dCc_acc, float& dD_acc, float& dbias_acc,
-                 std::vector<float>& buf) {
-  const int64_t N = kN > 0 ? kN : p.dstate, L = p.seqlen, K = kSelectiveScanChunk;
+// Backward of one (batch, channel) row. Variable dB/dC are added into `dB_row`/`dC_row` (fp32,
+// (N, L) contiguous, shared by the channels of a group); the per-channel weight grads into
+// w = [dA (N), constant dB (N), constant dC (N), dD, ddelta_bias].
+template <typename input_t>
+MM_CPU_INLINE void bwd_cpu_row(const SSBwdParams& p, int64_t b, int64_t d, float* dB_row, float* dC_row,
+                 float* w, Scratch& s) {
+  const int64_t N = p.dstate, L = p.seqlen;
   const Row<input_t> r(p, b, d);
   const void* dout = static_cast<const input_t*>(p.dout_ptr) + b * p.dout_batch_stride +
                      d * p.dout_dim_stride;
@@ -210,75 +301,158 @@ void bwd_cpu_row(const SSBwdParams& p, int64_t b, int64_t d, float* dB_row, floa
                               d * p.dz_dim_stride
                         : nullptr;
   const float* states = p.states_ptr + (b * p.dim + d) * p.n_chunks * N;
-  // Per chunk: states x_t and decays exp(delta_t*A) for all n, delta_t, pre-gate y_t.
-  float* xs = buf.data();
-  float* dAs = xs + K * N;
-  float* deltas = dAs + K * N;
-  float* ys = deltas + K;
   float carry[kSelectiveScanMaxDState];  // exp(delta_{t+1} A) * dL/dx_{t+1}
   for (int64_t n = 0; n < N; ++n) carry[n] = 0.f;
+  float dD_acc = 0.f, dbias_acc = 0.f;
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * K, t1 = std::min(L, t0 + K);
-    const float* x0 = c > 0 ? states + (c - 1) * N : nullptr;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k = t - t0;
-      const float u = ld<input_t>(r.u, t);
-      const float delta = effective_delta(ld<input_t>(r.delta, t), r.bias, p.delta_softplus);
-      deltas[k] = delta;
-      float y = r.D * u;
-      for (int64_t n = 0; n < N; ++n) {
-        const float xp = k > 0 ? xs[(k - 1) * N + n] : (x0 ? x0[n] : 0.f);
-        const ScanPair s = discretise(delta, r.A[n], r.Bv(n, t), u);
-        const float x = s.a * xp + s.b;
-        xs[k * N + n] = x;
-        dAs[k * N + n] = s.a;
-        y += r.Cv(n, t) * x;
+    const int64_t t0 = c * K, len = std::min(K, L - t0);
+    load_chunk<input_t>(s.uf, r.u, t0, len);
+    r.delta_chunk(s.raw, s.dt, t0, len, p.delta_softplus);
+    load_chunk<input_t>(s.dy, dout, t0, len);
+    // Recompute the chunk's states from the saved chunk-start state (and y if z gates it).
+    for (int64_t k = 0; k < len; ++k) s.y[k] = r.D * s.uf[k];
+    for (int64_t n = 0; n < N; ++n) {
+      float* a = s.a + n * K;
+      float* xp = s.xp + n * (K + 1);
+      r.Bchunk(s.bf, n, t0, len);
+      const float A = r.A[n];
+      for (int64_t k = 0; k < len; ++k) {
+        const ScanPair e = discretise(s.dt[k], A, s.bf[k], s.uf[k]);
+        a[k] = e.a;
+        s.b[k] = e.b;
       }
-      ys[k] = y;
-    }
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      const int64_t k = t - t0;
-      const float u = ld<input_t>(r.u, t), delta = deltas[k];
-      float dy = ld<input_t>(dout, t);
+      float xn = c > 0 ? states[(c - 1) * N + n] : 0.f;
+      xp[0] = xn;
+      for (int64_t k = 0; k < len; ++k) {
+        xn = a[k] * xn + s.b[k];
+        xp[k + 1] = xn;
+      }
       if (dz) {
-        const float zt = ld<input_t>(r.z, t);
-        dz[t] = static_cast<input_t>(dy * ys[k] * silu_grad(zt));
-        dy *= silu(zt);
+        r.Cchunk(s.cf, n, t0, len);
+        for (int64_t k = 0; k < len; ++k) s.y[k] += s.cf[k] * xp[k + 1];
       }
-      dD_acc += dy * u;
-      float du_t = dy * r.D, dd_t = 0.f;
-      for (int64_t n = 0; n < N; ++n) {
-        const float Bn = r.Bv(n, t), Cn = r.Cv(n, t), x = xs[k * N + n];
-        const float g = carry[n] + dy * Cn;
-        const float xp = k > 0 ? xs[(k - 1) * N + n] : (x0 ? x0[n] : 0.f);
-        const StepGrad sg = step_grad(g, xp, dAs[k * N + n], delta, r.A[n], Bn, u);
-        dA_acc[n] += sg.dA;
-        dd_t += sg.ddelta;
-        du_t += sg.du;
-        if (r.var_B) dB_row[n * L + t] += sg.dB; else dBc_acc[n] += sg.dB;
-        if (r.var_C) dC_row[n * L + t] += dy * x; else dCc_acc[n] += dy * x;
-        carry[n] = dAs[k * N + n] * g;
+    }
+    if (dz) {
+      load_chunk<input_t>(s.t1, r.z, t0, len);
+      for (int64_t k = 0; k < len; ++k) {
+        const float zk = s.t1[k];
+        s.t2[k] = s.dy[k] * s.y[k] * silu_grad(zk);
+        s.dy[k] *= silu(zk);
       }
-      if (p.delta_softplus) dd_t *= softplus_grad(ld<input_t>(r.delta, t) + r.bias);
-      dbias_acc += dd_t;
-      du[t] = static_cast<input_t>(du_t);
-      ddelta[t] = static_cast<input_t>(dd_t);
+      for (int64_t k = 0; k < len; ++k) dz[t0 + k] = static_cast<input_t>(s.t2[k]);
+    }
+    for (int64_t k = 0; k < len; ++k) { s.dd[k] = 0.f; s.dua[k] = 0.f; }
+    for (int64_t n = 0; n < N; ++n) {
+      const float* a = s.a + n * K;
+      const float* xp = s.xp + n * (K + 1);
+      r.Bchunk(s.bf, n, t0, len);
+      r.Cchunk(s.cf, n, t0, len);
+      float cn = carry[n];
+      for (int64_t k = len - 1; k >= 0; --k) {
+        const float gk = cn + s.dy[k] * s.cf[k];
+        s.g[k] = gk;
+        cn = a[k] * gk;
+      }
+      carry[n] = cn;
+      const float A = r.A[n];
+      float dA = 0.f, dBs = 0.f, dCs = 0.f;
+#pragma omp simd reduction(+ : dA, dBs, dCs)
+      for (int64_t k = 0; k < len; ++k) {
+        const StepGrad sg = step_grad(s.g[k], xp[k], a[k], s.dt[k], A, s.bf[k], s.uf[k]);
+        const float dC = s.dy[k] * xp[k + 1];
+        dA += sg.dA;
+        s.dd[k] += sg.ddelta;
+        s.dua[k] += sg.du;
+        s.t1[k] = sg.dB;
+        s.t2[k] = dC;
+        dBs += sg.dB;
+        dCs += dC;
+      }
+      w[n] += dA;
+      if (r.var_B) {
+        float* dst = dB_row + n * L + t0;
+        for (int64_t k = 0; k < len; ++k) dst[k] += s.t1[k];
+      } else {
+        w[N + n] += dBs;
+      }
+      if (r.var_C) {
+        float* dst = dC_row + n * L + t0;
+        for (int64_t k = 0; k < len; ++k) dst[k] += s.t2[k];
+      } else {
+        w[2 * N + n] += dCs;
+      }
+    }
+    const float D = r.D, bs = r.bias;
+    const bool sp = p.delta_softplus;
+#pragma omp simd reduction(+ : dD_acc, dbias_acc)
+    for (int64_t k = 0; k < len; ++k) {
+      const float dd = sp ? s.dd[k] * softplus_grad(s.raw[k] + bs) : s.dd[k];
+      s.dd[k] = dd;
+      dbias_acc += dd;
+      dD_acc += s.dy[k] * s.uf[k];
+      s.dua[k] += s.dy[k] * D;
+    }
+    for (int64_t k = 0; k < len; ++k) {
+      du[t0 + k] = static_cast<input_t>(s.dua[k]);
+      ddelta[t0 + k] = static_cast<input_t>(s.dd[k]);
+    }
+  }
+  w[3 * N] += dD_acc;
+  w[3 * N + 1] += dbias_acc;
+}
+
+// How the backward's tasks map to rows and where they write their partial sums.
+struct BwdTasks {
+  int64_t S;  // channel slices per (batch, group)
+  float* dB_base;
+  float* dC_base;
+  float* w;  // (batch, dim, 3N + 2) weight-grad partials
+};
+
+template <typename input_t>
+MM_CPU_INLINE void bwd_cpu_tasks_impl(const SSBwdParams& p, const BwdTasks& t, int64_t begin,
+                                      int64_t end) {
+  const int64_t N = p.dstate, L = p.seqlen, G = p.n_groups, dpg = p.dim / G, S = t.S;
+  const bool var_BC = p.is_variable_B || p.is_variable_C;
+  Scratch s(N);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t sl = task % S, bg = task / S, g = bg % G, b = bg / G;
+    const int64_t d0 = g * dpg + sl * dpg / S, d1 = g * dpg + (sl + 1) * dpg / S;
+    const int64_t row_off = (((S > 1 && var_BC ? sl * p.batch : 0) + b) * G + g) * N * L;
+    for (int64_t d = d0; d < d1; ++d) {
+      bwd_cpu_row<input_t>(p, b, d, p.is_variable_B ? t.dB_base + row_off : nullptr,
+                           p.is_variable_C ? t.dC_base + row_off : nullptr,
+                           t.w + (b * p.dim + d) * (3 * N + 2), s);
     }
   }
 }
 
-template <typename input_t, int kN>
+template <typename input_t>
+void bwd_cpu_tasks(const SSBwdParams& p, const BwdTasks& t, int64_t begin, int64_t end) {
+  bwd_cpu_tasks_impl<input_t>(p, t, begin, end);
+}
+#ifdef MM_CPU_AVX2
+template <typename input_t>
+__attribute__((target("avx2,fma"))) void bwd_cpu_tasks_avx2(const SSBwdParams& p,
+                                                           const BwdTasks& t, int64_t begin,
+                                                           int64_t end) {
+  bwd_cpu_tasks_impl<input_t>(p, t, begin, end);
+}
+#endif
+
+template <typename input_t>
 void bwd_cpu_kernel(const SSBwdParams& p) {
   const int64_t N = p.dstate, L = p.seqlen, G = p.n_groups, dpg = p.dim / G;
   const bool var_BC = p.is_variable_B || p.is_variable_C;
-  // Split each group's channels into S slices so that small batch*G still fills the threads;
-  // slices > 1 sum variable dB/dC in fp32 scratch, capped at ~256 MB.
+  // Tasks own a slice of one (batch, group)'s channels, so variable dB/dC rows have one writer.
+  // With few (batch, group) pairs the channels are cut into S slices that sum variable dB/dC in
+  // their own fp32 scratch (capped at ~256 MB) to keep every thread busy.
   const int64_t target = 4 * at::get_num_threads();
   int64_t S = var_BC ? (p.batch * G >= target ? 1 : (target + p.batch * G - 1) / (p.batch * G))
                      : dpg;
   if (var_BC) {
     const int64_t per_slice = p.batch * G * N * L * 4 * 2;
-    S = std::max<int64_t>(1, std::min<int64_t>({S, dpg, (int64_t(256) << 20) / per_slice}));
+    S = std::max<int64_t>(1, std::min<int64_t>(S, (int64_t(256) << 20) / per_slice));
   }
   S = std::min(S, dpg);
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
@@ -292,24 +466,16 @@ void bwd_cpu_kernel(const SSBwdParams& p) {
   // Per (batch, channel) weight-grad partials, summed over batch at the end (deterministic).
   at::Tensor wpart = at::zeros({p.batch, p.dim, 3 * N + 2}, fopt);
   float* w = wpart.data_ptr<float>();
-  const int64_t n_tasks = p.batch * G * S;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * kSelectiveScanChunk * N + 2 * kSelectiveScanChunk);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task % S, bg = task / S, g = bg % G, b = bg / G;
-      const int64_t d0 = g * dpg + s * dpg / S, d1 = g * dpg + (s + 1) * dpg / S;
-      const int64_t row_off = (((S > 1 ? s * p.batch : 0) + b) * G + g) * N * L;
-      for (int64_t d = d0; d < d1; ++d) {
-        float* wr = w + (b * p.dim + d) * (3 * N + 2);
-        bwd_cpu_row<input_t, kN>(p, b, d, p.is_variable_B ? dB_base + row_off : nullptr,
-                                 p.is_variable_C ? dC_base + row_off : nullptr, wr, wr + N,
-                                 wr + 2 * N, wr[3 * N], wr[3 * N + 1], buf);
-      }
-    }
+  const BwdTasks t{S, dB_base, dC_base, w};
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, p.batch * G * S, 1, [&](int64_t begin, int64_t end) {
+#ifdef MM_CPU_AVX2
+    if (avx2) return bwd_cpu_tasks_avx2<input_t>(p, t, begin, end);
+#endif
+    bwd_cpu_tasks<input_t>(p, t, begin, end);
   });
-  auto wsum = wpart.sum(0);  // (dim, 3N + 2)
-  at::Tensor dA = at::from_blob(p.dA_ptr, {p.dim, N}, fopt);
-  dA.add_(wsum.narrow(1, 0, N));
+  const auto wsum = wpart.sum(0);  // (dim, 3N + 2)
+  at::from_blob(p.dA_ptr, {p.dim, N}, fopt).add_(wsum.narrow(1, 0, N));
   if (!p.is_variable_B) at::from_blob(p.dB_ptr, {p.dim, N}, fopt).add_(wsum.narrow(1, N, N));
   if (!p.is_variable_C) at::from_blob(p.dC_ptr, {p.dim, N}, fopt).add_(wsum.narrow(1, 2 * N, N));
   if (p.dD_ptr) at::from_blob(p.dD_ptr, {p.dim}, fopt).add_(wsum.select(1, 3 * N));
@@ -350,7 +516,7 @@ void selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::
   }
   MM_CHECK(u.is_cpu(), "u must be a CPU or CUDA tensor, got ", u.device());
   MM_DISPATCH_INPUT_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
-    if (p.dstate == 1) fwd_cpu_kernel<input_t, 1>(p); else fwd_cpu_kernel<input_t, 0>(p);
+    fwd_cpu_kernel<input_t>(p);
   });
 }
 
@@ -412,7 +578,7 @@ void selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::
   }
   MM_CHECK(u.is_cpu(), "u must be a CPU or CUDA tensor, got ", u.device());
   MM_DISPATCH_INPUT_TYPES(dtype, "selective_scan_bwd", [&] {
-    if (p.dstate == 1) bwd_cpu_kernel<input_t, 1>(p); else bwd_cpu_kernel<input_t, 0>(p);
+    bwd_cpu_kernel<input_t>(p);
   });
 }
 
