@@ -162,7 +162,8 @@ def test_poisoned_outputs_are_overwritten():
     y = torch.full_like(x, float("nan"))
     C.cross_selective_scan_fwd(*args, y, True)
     assert not y.isnan().any(), "forward left elements of y unwritten"
-    outs = [torch.full(s, float("nan")) for s in [(B, K, D, L), (B, K, R + 2 * N, L), (B, K, D, R), (B, K, D),
+    chunks = C.css_cpu_channel_chunks
+    outs = [torch.full(s, float("nan")) for s in [(B, D, L), (B, chunks, K, R + 2 * N, L), (B, K, D, R), (B, K, D),
                                                   (B, K, D, N), (B, K, D)]]
     du, dxdbl, dw, db, dA, dD = outs
     C.cross_selective_scan_bwd(*args, torch.randn(B, D, H, W), du, dxdbl, None, dw, db, dA, dD, None, True)

@@ -1,9 +1,12 @@
 // Fused cross-direction selective scan: input checks, the CPU kernels, and the Python bindings.
 //
 // CPU forward: one task per (batch, channel) runs all four directions, so the cross-merge is a sum
-// in a private fp32 row and y is written once. CPU backward: one task per (batch, direction) loops
-// over channels in order, so its slice of d(x_dbl) (a reduction over channels) has one fixed
-// summation order: deterministic for any thread count. Backward recomputes the forward fully.
+// in a private fp32 row and y is written once. CPU backward: one task per (batch, channel chunk)
+// runs its channels in order, all four directions each, so du is written once per channel and the
+// chunk's share of d(x_dbl) (a reduction over channels) has one fixed summation order; the
+// kCpuChannelChunks partials are summed in order by the caller. The chunk count is a constant, not
+// the thread count, so results are bitwise identical for any number of threads. Backward
+// recomputes the forward fully (no saved states).
 // Each task splits its work into vectorisable per-position loops (spatial order) and the scalar
 // recurrence, which walks the direction's index map through a precomputed permutation.
 #include <torch/extension.h>
@@ -12,6 +15,13 @@
 #include <vector>
 
 #include "common/registry.h"
+
+// Without this, GCC keeps every float compare as a branch (they could raise FP exceptions) and the
+// per-position loops (softplus, exp) do not vectorise. Placed after the torch headers so only our
+// code is affected; we never read FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "cross_selective_scan/cross_selective_scan.h"
 #include "cross_selective_scan/dispatch.h"
 
@@ -27,6 +37,10 @@ void fwd_cuda(FwdParams& p, at::ScalarType dtype);
 void bwd_cuda(BwdParams& p, at::ScalarType dtype);
 int cuda_segment_len();
 #endif
+
+// Fixed (not thread-count dependent) so the backward's d(x_dbl) partials sum in the same order
+// everywhere; 4 keeps the partials small (4 x d(x_dbl)) and gives B*4 tasks.
+constexpr int kCpuChannelChunks = 4;
 
 namespace {
 
@@ -112,19 +126,19 @@ void scan_backward(const int32_t* __restrict__ perm, const float* __restrict__ a
   }
 }
 
-// Per-position backward (spatial order, vectorisable): fills ddt (= d dt_raw), du, dB/dC rows of
-// dxd, and the dA sums of this channel.
+// Per-position backward (spatial order, vectorisable): fills ddt (= d dt_raw), adds into du and
+// the dB/dC rows of dxd, and returns the dA sums of this channel.
 CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict__ dxd,
                                 const float* __restrict__ A, const float* __restrict__ u,
                                 const float* __restrict__ g, const float* __restrict__ dt,
                                 const float* __restrict__ delta, const float* __restrict__ a,
                                 const float* __restrict__ hs_prev, const float* __restrict__ hs,
                                 const float* __restrict__ dhs, float Dk, int64_t L, int R, int N,
-                                bool softplus, float* __restrict__ ddt, float* __restrict__ du,
-                                float* __restrict__ dA_sum, float* __restrict__ tmp) {
+                                bool softplus, const float* __restrict__ ones, float* __restrict__ ddt,
+                                float* __restrict__ du, float* __restrict__ dA_sum, float* __restrict__ tmp) {
   for (int64_t l = 0; l < L; ++l) {
     ddt[l] = 0.f;
-    du[l] = g[l] * Dk;
+    du[l] += g[l] * Dk;
   }
   for (int n = 0; n < N; ++n) {
     const float An = A[n];
@@ -138,12 +152,22 @@ CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict_
       dCn[l] += g[l] * hs[o];
       tmp[l] = dA_l;
     }
-    float s = 0.f;
-    for (int64_t l = 0; l < L; ++l) s += tmp[l];
-    dA_sum[n] = s;
+    dA_sum[n] = dot(tmp, ones, L);
   }
   if (softplus) {
     for (int64_t l = 0; l < L; ++l) ddt[l] *= css_delta_grad(dt[l], true);
+  }
+}
+
+// The rank-R side of the delta projection: d dt_w[r] = sum_l ddt x_dbl[r]; d x_dbl[r] += w[r] ddt.
+CSS_VEC void dt_proj_grads(const float* __restrict__ xd, const float* __restrict__ w,
+                           const float* __restrict__ ddt, int64_t L, int R, float* __restrict__ dxd,
+                           float* __restrict__ dw) {
+  for (int r = 0; r < R; ++r) {
+    dw[r] = dot(ddt, xd + r * L, L);
+    float* __restrict__ drow = dxd + r * L;
+    const float wr = w[r];
+    for (int64_t l = 0; l < L; ++l) drow[l] += wr * ddt[l];
   }
 }
 
@@ -203,46 +227,43 @@ void bwd_cpu(const BwdParams& p) {
   const int64_t L = p.seqlen, C = R + 2 * N;
   const std::vector<int32_t> perm = direction_permutations(H, W);
   const T* x = static_cast<const T*>(p.x);
-  at::parallel_for(0, int64_t(p.batch) * kDirections, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(5 * L + 5 * L * N);
-    float *u = buf.data(), *dt = u + L, *delta = dt + L, *ddt = delta + L, *tmp = ddt + L;
-    float *a = tmp + L, *bu = a + L * N, *hs = bu + L * N, *hs_prev = hs + L * N, *dhs = hs_prev + L * N;
+  at::parallel_for(0, int64_t(p.batch) * kCpuChannelChunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(6 * L + 5 * L * N);
+    float *u = buf.data(), *dt = u + L, *delta = dt + L, *ddt = delta + L, *tmp = ddt + L, *ones = tmp + L;
+    std::fill(ones, ones + L, 1.f);  // sums as dot(x, ones): one fixed-order vectorised reduction
+    float *a = ones + L, *bu = a + L * N, *hs = bu + L * N, *hs_prev = hs + L * N, *dhs = hs_prev + L * N;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kDirections;
-      const int k = int(task % kDirections);
-      const float* xd = p.xdbl + task * C * L;
-      float* dxd = p.dxdbl + task * C * L;
-      for (int64_t i = 0; i < C * L; ++i) dxd[i] = 0.f;
-      const int32_t* pk = perm.data() + k * L;
-      for (int d = 0; d < D; ++d) {
-        const int64_t kd = int64_t(k) * D + d;
-        const int64_t part = (b * kDirections + k) * D + d;  // index into the (B, K, D, ...) partials
+      const int64_t b = task / kCpuChannelChunks, chunk = task % kCpuChannelChunks;
+      float* dxd_chunk = p.dxdbl + task * kDirections * C * L;  // (K, C, L) partial of this chunk
+      std::fill(dxd_chunk, dxd_chunk + kDirections * C * L, 0.f);
+      const int d_begin = int(chunk * D / kCpuChannelChunks), d_end = int((chunk + 1) * D / kCpuChannelChunks);
+      for (int d = d_begin; d < d_end; ++d) {
         const float* g = p.dy + (b * D + d) * L;
+        float* du = p.du + (b * D + d) * L;
+        std::fill(du, du + L, 0.f);
         load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, u);
-        float A[kMaxDState], dA_sum[kMaxDState];
-        for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
-        discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u, L, R, N, p.delta_softplus, dt, delta, a, bu);
-        if (N == 1) {
-          scan_forward<1>(pk, a, bu, L, N, hs, hs_prev);
-          scan_backward<1>(pk, a, xd + (R + N) * L, g, L, N, dhs);
-        } else {
-          scan_forward<0>(pk, a, bu, L, N, hs, hs_prev);
-          scan_backward<0>(pk, a, xd + (R + N) * L, g, L, N, dhs);
-        }
-        float* du = p.du + part * L;
-        grads_per_position(xd, dxd, A, u, g, dt, delta, a, hs_prev, hs, dhs, p.Ds[kd], L, R, N,
-                           p.delta_softplus, ddt, du, dA_sum, tmp);
-        for (int n = 0; n < N; ++n) p.dA_logs_part[part * N + n] = dA_sum[n] * A[n];
-        p.dDs_part[part] = dot(g, u, L);
-        float sum_ddt = 0.f;
-        for (int64_t l = 0; l < L; ++l) sum_ddt += ddt[l];
-        p.ddt_b_part[part] = sum_ddt;
-        const float* w = p.dt_w + kd * R;
-        for (int r = 0; r < R; ++r) {
-          p.ddt_w_part[part * R + r] = dot(ddt, xd + r * L, L);
-          float* drow = dxd + r * L;
-          const float wr = w[r];
-          for (int64_t l = 0; l < L; ++l) drow[l] += wr * ddt[l];
+        for (int k = 0; k < kDirections; ++k) {
+          const float* xd = p.xdbl + (b * kDirections + k) * C * L;
+          float* dxd = dxd_chunk + k * C * L;
+          const int32_t* pk = perm.data() + k * L;
+          const int64_t kd = int64_t(k) * D + d;
+          const int64_t part = (b * kDirections + k) * D + d;  // index into the (B, K, D, ...) partials
+          float A[kMaxDState], dA_sum[kMaxDState];
+          for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
+          discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u, L, R, N, p.delta_softplus, dt, delta, a, bu);
+          if (N == 1) {
+            scan_forward<1>(pk, a, bu, L, N, hs, hs_prev);
+            scan_backward<1>(pk, a, xd + (R + N) * L, g, L, N, dhs);
+          } else {
+            scan_forward<0>(pk, a, bu, L, N, hs, hs_prev);
+            scan_backward<0>(pk, a, xd + (R + N) * L, g, L, N, dhs);
+          }
+          grads_per_position(xd, dxd, A, u, g, dt, delta, a, hs_prev, hs, dhs, p.Ds[kd], L, R, N,
+                             p.delta_softplus, ones, ddt, du, dA_sum, tmp);
+          for (int n = 0; n < N; ++n) p.dA_logs_part[part * N + n] = dA_sum[n] * A[n];
+          p.dDs_part[part] = dot(g, u, L);
+          p.ddt_b_part[part] = dot(ddt, ones, L);
+          dt_proj_grads(xd, p.dt_w + kd * R, ddt, L, R, dxd, p.ddt_w_part + part * R);
         }
       }
     }
@@ -323,8 +344,10 @@ void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
 }
 
 // Outputs (fp32, allocated by the caller, fully overwritten):
-//   du: CPU (B, 4, D, L) per direction; CUDA (B, D, L)
-//   dxdbl: (B, 4, R+2N, L); dxdbl_part: CUDA deterministic mode (B, 4, D, 1+2N, L), else undefined
+//   du: (B, D, L), the scan's part of dx (the x_proj GEMM's part is the caller's)
+//   dxdbl: CUDA (B, 4, R+2N, L) (zero-filled by the caller unless deterministic); CPU
+//          (B, kCpuChannelChunks, 4, R+2N, L) per channel chunk
+//   dxdbl_part: CUDA deterministic mode (B, 4, D, 1+2N, L), else undefined
 //   ddt_w_part (B, 4, D, R), ddt_b_part (B, 4, D), dA_logs_part (B, 4, D, N), dDs_part (B, 4, D)
 //   seg_states: CUDA scratch (B, D, 4, ceil(L / segment_len), N); undefined on CPU
 void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, const at::Tensor& dt_b,
@@ -338,9 +361,10 @@ void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
   const bool cuda = x.is_cuda();
   const auto dev = x.device();
   check_tensor(dy, "dy", {B, D, p.height, p.width}, dev, true, true, "(batch, dim, height, width)");
-  if (cuda) check_tensor(du, "du", {B, D, L}, dev, true, true, "(batch, dim, height*width)");
-  else check_tensor(du, "du", {B, K, D, L}, dev, true, true, "(batch, 4, dim, height*width)");
-  check_tensor(dxdbl, "dxdbl", {B, K, R + 2 * N, L}, dev, true, true, "(batch, 4, dt_rank + 2*d_state, height*width)");
+  check_tensor(du, "du", {B, D, L}, dev, true, true, "(batch, dim, height*width)");
+  if (cuda) check_tensor(dxdbl, "dxdbl", {B, K, R + 2 * N, L}, dev, true, true, "(batch, 4, dt_rank + 2*d_state, height*width)");
+  else check_tensor(dxdbl, "dxdbl", {B, kCpuChannelChunks, K, R + 2 * N, L}, dev, true, true,
+                    "(batch, css_cpu_channel_chunks, 4, dt_rank + 2*d_state, height*width)");
   check_tensor(ddt_w_part, "ddt_w_part", {B, K, D, R}, dev, true, true, "(batch, 4, dim, dt_rank)");
   check_tensor(ddt_b_part, "ddt_b_part", {B, K, D}, dev, true, true, "(batch, 4, dim)");
   check_tensor(dA_logs_part, "dA_logs_part", {B, K, D, N}, dev, true, true, "(batch, 4, dim, d_state)");
@@ -381,6 +405,7 @@ void bind_cross_selective_scan(pybind11::module_& m) {
   m.def("cross_selective_scan_bwd", &css::bwd, "fused cross-direction selective scan, backward");
   m.attr("css_max_dstate") = css::kMaxDState;
   m.attr("css_max_dt_rank") = css::kMaxDtRank;
+  m.attr("css_cpu_channel_chunks") = css::kCpuChannelChunks;
 #ifdef MEMORYMAMBA_WITH_CUDA
   m.attr("css_cuda_segment_len") = css::cuda_segment_len();
 #endif

@@ -35,9 +35,9 @@ struct FwdParams {
 
 struct BwdParams : FwdParams {
   const float* __restrict__ dy;        // (B, D, H, W) fp32 contiguous
-  // CPU: (B, K, D, L) per-direction partials; CUDA: (B, D, L) merged. fp32.
-  float* __restrict__ du;
-  // CPU: (B, K, R+2N, L) owned per (b, k) task. CUDA: atomics into it when dxdbl_part is null.
+  float* __restrict__ du;              // (B, D, L) fp32
+  // CPU: (B, kCpuChannelChunks, K, R+2N, L) partials. CUDA: (B, K, R+2N, L), atomics into it when
+  // dxdbl_part is null.
   float* __restrict__ dxdbl;
   // CUDA deterministic mode: (B, K, D, 1+2N, L) per-channel contributions
   // (row 0: d(dt_raw), rows 1..N: dB, rows N+1..2N: dC), reduced in a fixed order by the caller.

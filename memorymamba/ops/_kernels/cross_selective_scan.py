@@ -9,7 +9,7 @@ The op splits in two:
      in the kernel (delta never reaches memory), scans, and writes the merged y once.
 
 Backward recomputes the forward fully (no saved states). CPU: always deterministic (fixed-order
-reductions). CUDA: `deterministic=True` writes per-channel partials of d(x_dbl) and reduces them with
+reductions over a fixed number of channel chunks). CUDA: `deterministic=True` writes per-channel partials of d(x_dbl) and reduces them with
 torch in a fixed order; otherwise fp32 atomics. Parameter grads are per-batch partials summed here.
 """
 from __future__ import annotations
@@ -74,11 +74,11 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, dt_w: torc
             dx_dbl[:, :, :R] = torch.einsum("bkdl,kdr->bkrl", part[:, :, :, 0], dt_w)
             dx_dbl[:, :, R:] = part[:, :, :, 1:].sum(2)
     else:
-        du = torch.empty(B, K, D, L, **f32)
-        dx_dbl = torch.empty(B, K, R + 2 * N, L, **f32)
-        C.cross_selective_scan_bwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, dy, du, dx_dbl, None, ddt_w_part,
+        du = torch.empty(B, D, L, **f32)
+        dx_dbl_part = torch.empty(B, C.css_cpu_channel_chunks, K, R + 2 * N, L, **f32)
+        C.cross_selective_scan_bwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, dy, du, dx_dbl_part, None, ddt_w_part,
                                    ddt_b_part, dA_part, dDs_part, None, delta_softplus)
-        du = du.sum(1)
+        dx_dbl = dx_dbl_part.sum(1)
     dx = du.view(B, D, H, W).to(x.dtype)
     return (dx, dx_dbl, ddt_w_part.sum(0), ddt_b_part.sum(0), dA_part.sum(0).view(K * D, N),
             dDs_part.sum(0).view(K * D))
