@@ -71,7 +71,9 @@ def _machine_line(rows: list[dict[str, Any]]) -> str:
     r = max(rows, key=lambda x: x["timestamp"])
     shas = sorted({x["git_sha"] for x in rows})
     return (f"**{r['device']}** -- torch {r['torch']}, CUDA {r['cuda']}, git {', '.join(shas)}, "
-            f"latest row {r['timestamp']}, copy bandwidth measured in the run: {r['copy_bw_gbps']:.1f} GB/s")
+            f"latest row {r['timestamp']}, copy bandwidth measured in the run: {r['copy_bw_gbps']:.1f} GB/s"
+            + (f", load average {r['load_avg_1m']} at its start" if r.get("load_avg_1m") is not None
+               and r["device_type"] == "cpu" else ""))
 
 
 def section(kind: str) -> str:
