@@ -22,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   bind_selective_scan(m);
   bind_cross_selective_scan(m);
+  bind_memory_attention(m);
 }

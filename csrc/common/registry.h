@@ -4,3 +4,4 @@
 
 void bind_selective_scan(pybind11::module_& m);
 void bind_cross_selective_scan(pybind11::module_& m);
+void bind_memory_attention(pybind11::module_& m);
