@@ -45,10 +45,9 @@ def _fused(f: Tensor, w1_c: Optional[Tensor], b1_c: Optional[Tensor], w2_c: Opti
         args.append([w1, b1, w2, b2, mem, w, h, v])
         outs.append((w, h, v))
     extension().memory_attention_fwd(f, p, similarity, args)
-    empty = f.new_empty(0)
     res = [p]
     for on in (w1_c is not None, w1_f is not None):
-        res.extend(outs.pop(0) if on else (empty, empty, empty))
+        res.extend(outs.pop(0) if on else (f.new_empty(0) for _ in range(3)))  # outputs may not alias
     return tuple(res)
 
 
