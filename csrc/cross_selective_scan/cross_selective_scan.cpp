@@ -44,15 +44,21 @@ constexpr int kCpuChannelChunks = 4;
 
 namespace {
 
-// Per-position loops: vectorised for AVX2 where the CPU has it (GCC function multi-versioning).
+// Per-position loops: vectorised for AVX-512 / AVX2+FMA where the CPU has them (GCC function
+// multi-versioning; the ifunc resolver picks at load time).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CSS_VEC __attribute__((target_clones("avx2", "default")))
+#define CSS_VEC __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CSS_VEC
 #endif
 
-// dt_raw = bias + w . dts; delta = softplus(dt_raw); a = exp(delta A); bu = delta B u.
-// xd: the (R+2N, L) x_dbl slice of one (batch, direction); a, bu: (L, N).
+// Channels scanned together: kLanes independent recurrences fill a SIMD register, where one
+// channel's recurrence would be bound by the latency of its dependency chain.
+constexpr int kLanes = 8;
+
+// dt_raw = bias + w . dts; delta = softplus(dt_raw); a = exp(delta A); bu = delta B u for one channel.
+// xd: the (R+2N, L) x_dbl slice of one (batch, direction); a, bu: element (l, n) at (l*N + n)*kLanes
+// (the caller offsets them by the channel's lane).
 CSS_VEC void discretize(const float* __restrict__ xd, const float* __restrict__ w, float bias,
                         const float* __restrict__ A, const float* __restrict__ u, int64_t L, int R,
                         int N, bool softplus, float* __restrict__ dt, float* __restrict__ delta,
@@ -72,62 +78,74 @@ CSS_VEC void discretize(const float* __restrict__ xd, const float* __restrict__ 
     const float An = A[n];
     const float* __restrict__ Bn = xd + (R + n) * L;
     for (int64_t l = 0; l < L; ++l) {
-      a[l * N + n] = css_decay(delta[l], An);
-      bu[l * N + n] = css_input(delta[l], Bn[l], u[l]);
+      a[(l * N + n) * kLanes] = css_decay(delta[l], An);
+      bu[(l * N + n) * kLanes] = css_input(delta[l], Bn[l], u[l]);
     }
   }
 }
 
-// Fixed-order sum of x*y over L (8 interleaved partial sums so it vectorises; same order every call).
+// Fixed-order sum of x*y over L: 32 interleaved partial sums (several independent SIMD
+// accumulators, so the add latency does not bound it); the same order on every call and thread.
 CSS_VEC float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t L) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  constexpr int kAcc = 32;
+  float acc[kAcc] = {};
   int64_t l = 0;
-  for (; l + 8 <= L; l += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += x[l + j] * y[l + j];
+  for (; l + kAcc <= L; l += kAcc)
+    for (int j = 0; j < kAcc; ++j) acc[j] += x[l + j] * y[l + j];
   float s = 0.f;
   for (; l < L; ++l) s += x[l] * y[l];
-  for (int j = 0; j < 8; ++j) s += acc[j];
+  for (int j = 0; j < kAcc; ++j) s += acc[j];
   return s;
 }
 
-// The recurrence along direction k: writes h_t (state after step t) at its spatial index.
-// hs_prev (optional): the state before step t, also at its spatial index (backward needs it).
-template <int kN>  // kN = 1: the VMamba d_state=1 fast path; kN = 0: runtime N
-void scan_forward(const int32_t* __restrict__ perm, const float* __restrict__ a,
-                  const float* __restrict__ bu, int64_t L, int N_rt, float* __restrict__ hs,
-                  float* __restrict__ hs_prev) {
-  const int N = kN ? kN : N_rt;
-  float h[kMaxDState] = {0.f};
+// The recurrences of kLanes channels along one direction (all arrays (L*N, kLanes) interleaved, at
+// spatial index): h_t (state after step t) into hs, the state before step t into hs_prev.
+CSS_VEC void scan_forward(const int32_t* __restrict__ perm, const float* __restrict__ a,
+                          const float* __restrict__ bu, int64_t L, int N, float* __restrict__ hs,
+                          float* __restrict__ hs_prev) {
+  float h[kMaxDState][kLanes] = {};
   for (int64_t t = 0; t < L; ++t) {
     const int64_t o = int64_t(perm[t]) * N;
     for (int n = 0; n < N; ++n) {
-      if (hs_prev) hs_prev[o + n] = h[n];
-      const Affine step = css_combine({1.f, h[n]}, {a[o + n], bu[o + n]});
-      h[n] = step.b;
-      hs[o + n] = h[n];
+      const int64_t e = (o + n) * kLanes;
+      for (int j = 0; j < kLanes; ++j) {
+        hs_prev[e + j] = h[n][j];
+        h[n][j] = css_combine({1.f, h[n][j]}, {a[e + j], bu[e + j]}).b;
+        hs[e + j] = h[n][j];
+      }
     }
   }
 }
 
-// Reverse recurrence for the state gradient: dh_t = C_t g_t + a_{t+1} dh_{t+1}, at spatial index.
-template <int kN>
-void scan_backward(const int32_t* __restrict__ perm, const float* __restrict__ a,
-                   const float* __restrict__ Cmat, const float* __restrict__ g, int64_t L, int N_rt,
-                   float* __restrict__ dhs) {
-  const int N = kN ? kN : N_rt;
-  float e[kMaxDState] = {0.f};  // a_{t+1} dh_{t+1}: the gradient flowing into h_t from the future
+// Reverse recurrence for the state gradients: dh_t = C_t g_t + a_{t+1} dh_{t+1} (interleaved like
+// scan_forward; g is (L, kLanes) interleaved, Cmat the (N, L) C rows shared by all channels).
+CSS_VEC void scan_backward(const int32_t* __restrict__ perm, const float* __restrict__ a,
+                           const float* __restrict__ Cmat, const float* __restrict__ g, int64_t L, int N,
+                           float* __restrict__ dhs) {
+  float e[kMaxDState][kLanes] = {};  // a_{t+1} dh_{t+1}: the gradient reaching h_t from the future
   for (int64_t t = L - 1; t >= 0; --t) {
     const int64_t l = perm[t];
     for (int n = 0; n < N; ++n) {
-      const float dh = Cmat[n * L + l] * g[l] + e[n];
-      dhs[l * N + n] = dh;
-      e[n] = a[l * N + n] * dh;
+      const float c = Cmat[n * L + l];
+      const int64_t o = (l * N + n) * kLanes;
+      for (int j = 0; j < kLanes; ++j) {
+        const float dh = c * g[l * kLanes + j] + e[n][j];
+        dhs[o + j] = dh;
+        e[n][j] = a[o + j] * dh;
+      }
     }
   }
 }
 
+// Lanes of channels that do not exist (the last group of D % kLanes) scan a = 0, bu = 0.
+void zero_lanes(float* a, float* bu, int64_t LN, int lanes) {
+  for (int64_t i = 0; i < LN; ++i)
+    for (int j = lanes; j < kLanes; ++j) a[i * kLanes + j] = bu[i * kLanes + j] = 0.f;
+}
+
 // Per-position backward (spatial order, vectorisable): fills ddt (= d dt_raw), adds into du and
-// the dB/dC rows of dxd, and returns the dA sums of this channel.
+// the dB/dC rows of dxd, and returns the dA sums of this channel. a, hs_prev, hs, dhs: this
+// channel's lane of the interleaved arrays.
 CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict__ dxd,
                                 const float* __restrict__ A, const float* __restrict__ u,
                                 const float* __restrict__ g, const float* __restrict__ dt,
@@ -146,7 +164,7 @@ CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict_
     float* __restrict__ dBn = dxd + (R + n) * L;
     float* __restrict__ dCn = dxd + (R + N + n) * L;
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t o = l * N + n;
+      const int64_t o = (l * N + n) * kLanes;
       float dA_l = 0.f;
       dBn[l] += css_step_bwd(dhs[o], hs_prev[o], a[o], delta[l], An, Bn[l], u[l], ddt[l], du[l], dA_l);
       dCn[l] += g[l] * hs[o];
@@ -189,34 +207,46 @@ template <typename T>
 void fwd_cpu(const FwdParams& p) {
   const int D = p.dim, R = p.dt_rank, N = p.dstate, H = p.height, W = p.width;
   const int64_t L = p.seqlen, C = R + 2 * N;
+  const int64_t groups = (D + kLanes - 1) / kLanes;
   const std::vector<int32_t> perm = direction_permutations(H, W);
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  at::parallel_for(0, int64_t(p.batch) * D, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * L + 3 * L * N);
-    float *u = buf.data(), *dt = u + L, *delta = dt + L, *yacc = delta + L, *hs = yacc + L;
-    float *a = hs + L * N, *bu = a + L * N;
+  at::parallel_for(0, int64_t(p.batch) * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * kLanes * L + 2 * L + 4 * kLanes * L * N);
+    float *u = buf.data(), *yacc = u + kLanes * L, *dt = yacc + kLanes * L, *delta = dt + L;
+    float *a = delta + L, *bu = a + kLanes * L * N, *hs = bu + kLanes * L * N, *hs_prev = hs + kLanes * L * N;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / D, d = task % D;
-      load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, u);
-      float Dsum = 0.f;
-      for (int k = 0; k < kDirections; ++k) Dsum += p.Ds[k * D + d];
-      for (int64_t l = 0; l < L; ++l) yacc[l] = Dsum * u[l];
-      for (int k = 0; k < kDirections; ++k) {
-        const int64_t kd = int64_t(k) * D + d;
-        const float* xd = p.xdbl + (b * kDirections + k) * C * L;
-        float A[kMaxDState];
-        for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
-        discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u, L, R, N, p.delta_softplus, dt, delta, a, bu);
-        if (N == 1) scan_forward<1>(perm.data() + k * L, a, bu, L, N, hs, nullptr);
-        else scan_forward<0>(perm.data() + k * L, a, bu, L, N, hs, nullptr);
-        for (int n = 0; n < N; ++n) {
-          const float* Cn = xd + (R + N + n) * L;
-          for (int64_t l = 0; l < L; ++l) yacc[l] += Cn[l] * hs[l * N + n];
-        }
+      const int64_t b = task / groups;
+      const int d0 = int(task % groups) * kLanes, lanes = std::min(kLanes, D - d0);
+      for (int j = 0; j < lanes; ++j) {
+        const int d = d0 + j;
+        float* uj = u + j * L;
+        load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, uj);
+        float Dsum = 0.f;
+        for (int k = 0; k < kDirections; ++k) Dsum += p.Ds[k * D + d];
+        for (int64_t l = 0; l < L; ++l) yacc[j * L + l] = Dsum * uj[l];
       }
-      T* yrow = y + task * L;
-      for (int64_t l = 0; l < L; ++l) yrow[l] = static_cast<T>(yacc[l]);
+      for (int k = 0; k < kDirections; ++k) {
+        const float* xd = p.xdbl + (b * kDirections + k) * C * L;
+        for (int j = 0; j < lanes; ++j) {
+          const int64_t kd = int64_t(k) * D + d0 + j;
+          float A[kMaxDState];
+          for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
+          discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u + j * L, L, R, N, p.delta_softplus, dt, delta,
+                     a + j, bu + j);
+        }
+        if (lanes < kLanes) zero_lanes(a, bu, L * N, lanes);
+        scan_forward(perm.data() + k * L, a, bu, L, N, hs, hs_prev);
+        for (int j = 0; j < lanes; ++j)
+          for (int n = 0; n < N; ++n) {
+            const float* Cn = xd + (R + N + n) * L;
+            for (int64_t l = 0; l < L; ++l) yacc[j * L + l] += Cn[l] * hs[(l * N + n) * kLanes + j];
+          }
+      }
+      for (int j = 0; j < lanes; ++j) {
+        T* yrow = y + (b * D + d0 + j) * L;
+        for (int64_t l = 0; l < L; ++l) yrow[l] = static_cast<T>(yacc[j * L + l]);
+      }
     }
   });
 }
@@ -228,42 +258,58 @@ void bwd_cpu(const BwdParams& p) {
   const std::vector<int32_t> perm = direction_permutations(H, W);
   const T* x = static_cast<const T*>(p.x);
   at::parallel_for(0, int64_t(p.batch) * kCpuChannelChunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(6 * L + 5 * L * N);
-    float *u = buf.data(), *dt = u + L, *delta = dt + L, *ddt = delta + L, *tmp = ddt + L, *ones = tmp + L;
+    std::vector<float> buf(4 * kLanes * L + 3 * L + 5 * kLanes * L * N);
+    float *u = buf.data(), *g_il = u + kLanes * L, *dt = g_il + kLanes * L, *delta = dt + kLanes * L;
+    float *ddt = delta + kLanes * L, *tmp = ddt + L, *ones = tmp + L;
+    float *a = ones + L, *bu = a + kLanes * L * N, *hs = bu + kLanes * L * N, *hs_prev = hs + kLanes * L * N;
+    float* dhs = hs_prev + kLanes * L * N;
     std::fill(ones, ones + L, 1.f);  // sums as dot(x, ones): one fixed-order vectorised reduction
-    float *a = ones + L, *bu = a + L * N, *hs = bu + L * N, *hs_prev = hs + L * N, *dhs = hs_prev + L * N;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kCpuChannelChunks, chunk = task % kCpuChannelChunks;
       float* dxd_chunk = p.dxdbl + task * kDirections * C * L;  // (K, C, L) partial of this chunk
       std::fill(dxd_chunk, dxd_chunk + kDirections * C * L, 0.f);
       const int d_begin = int(chunk * D / kCpuChannelChunks), d_end = int((chunk + 1) * D / kCpuChannelChunks);
-      for (int d = d_begin; d < d_end; ++d) {
-        const float* g = p.dy + (b * D + d) * L;
-        float* du = p.du + (b * D + d) * L;
-        std::fill(du, du + L, 0.f);
-        load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, u);
+      for (int d0 = d_begin; d0 < d_end; d0 += kLanes) {
+        const int lanes = std::min(kLanes, d_end - d0);
+        for (int j = 0; j < kLanes; ++j) {
+          if (j >= lanes) {
+            for (int64_t l = 0; l < L; ++l) g_il[l * kLanes + j] = 0.f;
+            continue;
+          }
+          const float* g = p.dy + (b * D + d0 + j) * L;
+          for (int64_t l = 0; l < L; ++l) g_il[l * kLanes + j] = g[l];
+          std::fill(p.du + (b * D + d0 + j) * L, p.du + (b * D + d0 + j + 1) * L, 0.f);
+          load_row(x + b * p.x_batch_stride + (d0 + j) * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W,
+                   u + j * L);
+        }
         for (int k = 0; k < kDirections; ++k) {
           const float* xd = p.xdbl + (b * kDirections + k) * C * L;
           float* dxd = dxd_chunk + k * C * L;
           const int32_t* pk = perm.data() + k * L;
-          const int64_t kd = int64_t(k) * D + d;
-          const int64_t part = (b * kDirections + k) * D + d;  // index into the (B, K, D, ...) partials
-          float A[kMaxDState], dA_sum[kMaxDState];
-          for (int n = 0; n < N; ++n) A[n] = -std::exp(p.A_logs[kd * N + n]);
-          discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A, u, L, R, N, p.delta_softplus, dt, delta, a, bu);
-          if (N == 1) {
-            scan_forward<1>(pk, a, bu, L, N, hs, hs_prev);
-            scan_backward<1>(pk, a, xd + (R + N) * L, g, L, N, dhs);
-          } else {
-            scan_forward<0>(pk, a, bu, L, N, hs, hs_prev);
-            scan_backward<0>(pk, a, xd + (R + N) * L, g, L, N, dhs);
+          float A[kLanes][kMaxDState];
+          for (int j = 0; j < lanes; ++j) {
+            const int64_t kd = int64_t(k) * D + d0 + j;
+            for (int n = 0; n < N; ++n) A[j][n] = -std::exp(p.A_logs[kd * N + n]);
+            discretize(xd, p.dt_w + kd * R, p.dt_b[kd], A[j], u + j * L, L, R, N, p.delta_softplus, dt + j * L,
+                       delta + j * L, a + j, bu + j);
           }
-          grads_per_position(xd, dxd, A, u, g, dt, delta, a, hs_prev, hs, dhs, p.Ds[kd], L, R, N,
-                             p.delta_softplus, ones, ddt, du, dA_sum, tmp);
-          for (int n = 0; n < N; ++n) p.dA_logs_part[part * N + n] = dA_sum[n] * A[n];
-          p.dDs_part[part] = dot(g, u, L);
-          p.ddt_b_part[part] = dot(ddt, ones, L);
-          dt_proj_grads(xd, p.dt_w + kd * R, ddt, L, R, dxd, p.ddt_w_part + part * R);
+          if (lanes < kLanes) zero_lanes(a, bu, L * N, lanes);
+          scan_forward(pk, a, bu, L, N, hs, hs_prev);
+          scan_backward(pk, a, xd + (R + N) * L, g_il, L, N, dhs);
+          for (int j = 0; j < lanes; ++j) {
+            const int d = d0 + j;
+            const int64_t kd = int64_t(k) * D + d;
+            const int64_t part = (b * kDirections + k) * D + d;  // index into the (B, K, D, ...) partials
+            const float* g = p.dy + (b * D + d) * L;
+            float dA_sum[kMaxDState];
+            grads_per_position(xd, dxd, A[j], u + j * L, g, dt + j * L, delta + j * L, a + j, hs_prev + j, hs + j,
+                               dhs + j, p.Ds[kd], L, R, N, p.delta_softplus, ones, ddt, p.du + (b * D + d) * L,
+                               dA_sum, tmp);
+            for (int n = 0; n < N; ++n) p.dA_logs_part[part * N + n] = dA_sum[n] * A[j][n];
+            p.dDs_part[part] = dot(g, u + j * L, L);
+            p.ddt_b_part[part] = dot(ddt, ones, L);
+            dt_proj_grads(xd, p.dt_w + kd * R, ddt, L, R, dxd, p.ddt_w_part + part * R);
+          }
         }
       }
     }
