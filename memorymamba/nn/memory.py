@@ -65,16 +65,21 @@ class MemoryNetwork(nn.Module):
                     nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
                     nn.init.zeros_(linear.bias)
 
+    def attention_params(self):
+        """(w1, b1, w2, b2, cells): the arguments of ops.memory_attention after p."""
+        return self.query.fc1.weight, self.query.fc1.bias, self.query.fc2.weight, self.query.fc2.bias, self.cells
+
+    def fuse(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The vector the block adds: scale * w with fusion, else the readout v."""
+        return self.scale * w if self.fusion else v
+
     def forward(self, p: torch.Tensor, *, backend: str | None = None):
         """p (B, dim) pooled features -> (add (B, dim), h (B, size) query logits, v (B, dim) readout)."""
         from memorymamba import ops
 
         with torch.autocast(p.device.type, enabled=False):  # the op keeps its own (fp32) precision
-            w, h, v = ops.memory_attention(
-                p, self.query.fc1.weight, self.query.fc1.bias, self.query.fc2.weight, self.query.fc2.bias,
-                self.cells, self.similarity, backend=backend)
-        add = self.scale * w if self.fusion else v
-        return add, h, v
+            w, h, v = ops.memory_attention(p, *self.attention_params(), self.similarity, backend=backend)
+        return self.fuse(w, v), h, v
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, size={self.size}, similarity={self.similarity!r}, fusion={self.fusion}"

@@ -117,6 +117,15 @@ class SS2D(nn.Module):
     def has_memory(self) -> bool:
         return self.coarse_memory is not None or self.fine_memory is not None
 
+    def _fused_memory(self, f: torch.Tensor) -> bool:
+        """Whether the memory networks run as the one fused kernel (a compiled backend and dtype)."""
+        from memorymamba.ops._dispatch import pick_backend
+        from memorymamba.ops._kernels.memory_attention import KERNEL_DTYPES
+
+        params = [t for m in (self.coarse_memory, self.fine_memory) if m is not None for t in m.attention_params()]
+        return (f.dtype in KERNEL_DTYPES and all(t is None or t.dtype == torch.float32 for t in params)
+                and pick_backend("memory_attention", self.backend, f, *params) != "torch")
+
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """x (B, d_model, H, W) [or (B, H, W, d_model)] -> same shape; with return_aux also a BlockAux."""
         from memorymamba import ops
@@ -132,16 +141,30 @@ class SS2D(nn.Module):
             f = self.conv2d(f)
         aux = BlockAux()
         if self.has_memory:
-            p = f.mean(dim=(2, 3))
             add = 0
-            if self.coarse_memory is not None:
-                w_c, aux.coarse_logits, _ = self.coarse_memory(p, backend=self.backend)
-                add = add + w_c
-            if self.fine_memory is not None:
-                w_f, _, v_f = self.fine_memory(p, backend=self.backend)
-                add = add + w_f
-                if return_aux:
-                    aux.fine_proj = self.fine_memory.proj(v_f)
+            if self._fused_memory(f):
+                # One kernel: pooling and both memory networks (memorymamba.ops._kernels.memory_attention).
+                from memorymamba.ops._dispatch import kernel
+
+                nets = [None if m is None else m.attention_params() for m in (self.coarse_memory, self.fine_memory)]
+                similarity = (self.coarse_memory or self.fine_memory).similarity
+                with torch.autocast(f.device.type, enabled=False):
+                    p, w_c, aux.coarse_logits, v_c, w_f, _, v_f = kernel(
+                        "memory_attention", "memory_attention_fused")(f, *nets, similarity)
+                if self.coarse_memory is not None:
+                    add = add + self.coarse_memory.fuse(w_c, v_c)
+                if self.fine_memory is not None:
+                    add = add + self.fine_memory.fuse(w_f, v_f)
+            else:
+                p = f.mean(dim=(2, 3))
+                if self.coarse_memory is not None:
+                    w_c, aux.coarse_logits, _ = self.coarse_memory(p, backend=self.backend)
+                    add = add + w_c
+                if self.fine_memory is not None:
+                    w_f, _, v_f = self.fine_memory(p, backend=self.backend)
+                    add = add + w_f
+            if return_aux and self.fine_memory is not None:
+                aux.fine_proj = self.fine_memory.proj(v_f)
             aux.pooled = p
             f = f + add.to(f.dtype)[:, :, None, None]  # fp32 memory params must not promote f under autocast
         u = self.act(f)
