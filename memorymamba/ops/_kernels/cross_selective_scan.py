@@ -1,16 +1,18 @@
 """torch.library ops over the fused cross-direction selective scan kernels (memorymamba._C).
 
-The op splits in two:
-  1. x_dbl = x_proj_weight @ x (+ x_proj_bias), one GEMM over all four directions, done with torch in
-     x's *spatial* layout (the projection is per position, so no cross-scan copy is needed); autograd
-     differentiates it;
-  2. the custom op `memorymamba::cross_selective_scan_core` (kernel): for each direction it walks the
-     direction's index map over x and x_dbl, computes delta = softplus(dt_projs_weight @ dts + bias)
-     in the kernel (delta never reaches memory), scans, and writes the merged y once.
+`memorymamba::cross_selective_scan_core` does, for x (B, D, H, W):
+  1. x_dbl = x_proj_weight @ x (+ x_proj_bias): one GEMM for all four directions in x's *spatial*
+     layout (the projection is per position, so no cross-scan copy is needed);
+  2. the kernel: for each direction it walks the direction's index map over x and x_dbl, computes
+     delta = softplus(dt_projs_weight @ dts + bias) in registers (delta never reaches memory), scans,
+     and writes the merged y once.
+x_dbl (4 (R+2N) floats per position, small next to x) is saved for backward; the scan itself is
+recomputed fully in backward (no saved states). The x_proj GEMM's backward is fused with the
+kernel's du: dx = du + x_proj_weight^T @ d(x_dbl) in one baddbmm.
 
-Backward recomputes the forward fully (no saved states). CPU: always deterministic (fixed-order
-reductions over a fixed number of channel chunks). CUDA: `deterministic=True` writes per-channel partials of d(x_dbl) and reduces them with
-torch in a fixed order; otherwise fp32 atomics. Parameter grads are per-batch partials summed here.
+Determinism: CPU always (fixed-order reductions over a fixed number of channel chunks). CUDA:
+`deterministic=True` writes per-channel partials of d(x_dbl) and reduces them with torch in a fixed
+order; otherwise fp32 atomics. Parameter grads are per-batch partials summed here in fixed order.
 """
 from __future__ import annotations
 
@@ -26,28 +28,45 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _x_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, D, H, W) as fp32 (B, D, L) for the projection GEMMs."""
+    B, D, H, W = x.shape
+    return x.to(torch.float32).reshape(B, D, H * W)
+
+
 @torch.library.custom_op("memorymamba::cross_selective_scan_core", mutates_args=())
-def _core(x: torch.Tensor, x_dbl: torch.Tensor, dt_w: torch.Tensor, dt_b: torch.Tensor, A_logs: torch.Tensor,
-          Ds: torch.Tensor, delta_softplus: bool, deterministic: bool) -> torch.Tensor:
+def _core(x: torch.Tensor, w: torch.Tensor, w_bias: torch.Tensor | None, dt_w: torch.Tensor, dt_b: torch.Tensor,
+          A_logs: torch.Tensor, Ds: torch.Tensor, delta_softplus: bool, deterministic: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (B, D, H, W) in x's dtype and x_dbl (B, 4, R+2N, L) fp32. w: (4*(R+2N), D) fp32."""
     C = extension()
+    B, D, H, W = x.shape
+    if w_bias is None:
+        x_dbl = torch.matmul(w, _x_rows(x))
+    else:
+        x_dbl = torch.baddbmm(w_bias.view(1, -1, 1), w.expand(B, -1, -1), _x_rows(x))
+    x_dbl = x_dbl.view(B, K, -1, H * W)
     if x.is_cuda:
         y = torch.empty(x.shape, device=x.device, dtype=torch.float32)
         C.cross_selective_scan_fwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, y, delta_softplus)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)), x_dbl
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     C.cross_selective_scan_fwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, y, delta_softplus)
-    return y
+    return y, x_dbl
 
 
 @_core.register_fake
-def _(x, x_dbl, dt_w, dt_b, A_logs, Ds, delta_softplus, deterministic):
-    return x.new_empty(x.shape)
+def _(x, w, w_bias, dt_w, dt_b, A_logs, Ds, delta_softplus, deterministic):
+    B, D, H, W = x.shape
+    return x.new_empty(x.shape), x.new_empty((B, K, w.shape[0] // K, H * W), dtype=torch.float32)
 
 
 @torch.library.custom_op("memorymamba::cross_selective_scan_core_bwd", mutates_args=())
-def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, dt_w: torch.Tensor, dt_b: torch.Tensor,
-              A_logs: torch.Tensor, Ds: torch.Tensor, delta_softplus: bool, deterministic: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.Tensor, dt_w: torch.Tensor,
+              dt_b: torch.Tensor, A_logs: torch.Tensor, Ds: torch.Tensor, delta_softplus: bool, deterministic: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor]:
+    """Grads of x, w, w_bias, dt_w, dt_b, A_logs, Ds (x's in x's dtype, the rest fp32)."""
     C = extension()
     B, D, H, W = x.shape
     L, N, R = H * W, A_logs.shape[1], dt_w.shape[2]
@@ -57,8 +76,8 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, dt_w: torc
     ddt_b_part = torch.empty(B, K, D, **f32)
     dA_part = torch.empty(B, K, D, N, **f32)
     dDs_part = torch.empty(B, K, D, **f32)
+    du = torch.empty(B, D, L, **f32)
     if x.is_cuda:
-        du = torch.empty(B, D, L, **f32)
         seg = C.css_cuda_segment_len
         seg_states = torch.empty(B, D, K, (L + seg - 1) // seg, N, **f32)
         if deterministic:
@@ -74,33 +93,38 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, dt_w: torc
             dx_dbl[:, :, :R] = torch.einsum("bkdl,kdr->bkrl", part[:, :, :, 0], dt_w)
             dx_dbl[:, :, R:] = part[:, :, :, 1:].sum(2)
     else:
-        du = torch.empty(B, D, L, **f32)
         dx_dbl_part = torch.empty(B, C.css_cpu_channel_chunks, K, R + 2 * N, L, **f32)
         C.cross_selective_scan_bwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, dy, du, dx_dbl_part, None, ddt_w_part,
                                    ddt_b_part, dA_part, dDs_part, None, delta_softplus)
         dx_dbl = dx_dbl_part.sum(1)
-    dx = du.view(B, D, H, W).to(x.dtype)
-    return (dx, dx_dbl, ddt_w_part.sum(0), ddt_b_part.sum(0), dA_part.sum(0).view(K * D, N),
+    dx_dbl = dx_dbl.view(B, K * (R + 2 * N), L)
+    # The x_proj GEMM's backward: dx = du + w^T d(x_dbl); dw = sum_b d(x_dbl)_b x_b^T.
+    dx = torch.baddbmm(du, w.t().expand(B, -1, -1), dx_dbl).view(B, D, H, W).to(x.dtype)
+    dw = torch.bmm(dx_dbl, _x_rows(x).transpose(1, 2)).sum(0)
+    return (dx, dw, dx_dbl.sum((0, 2)), ddt_w_part.sum(0), ddt_b_part.sum(0), dA_part.sum(0).view(K * D, N),
             dDs_part.sum(0).view(K * D))
 
 
 @_core_bwd.register_fake
-def _(dy, x, x_dbl, dt_w, dt_b, A_logs, Ds, delta_softplus, deterministic):
-    return (x.new_empty(x.shape), torch.empty_like(x_dbl), torch.empty_like(dt_w), torch.empty_like(dt_b),
-            torch.empty_like(A_logs), torch.empty_like(Ds))
+def _(dy, x, x_dbl, w, dt_w, dt_b, A_logs, Ds, delta_softplus, deterministic):
+    return (x.new_empty(x.shape), torch.empty_like(w), w.new_empty(w.shape[0]), torch.empty_like(dt_w),
+            torch.empty_like(dt_b), torch.empty_like(A_logs), torch.empty_like(Ds))
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_dbl, dt_w, dt_b, A_logs, Ds, delta_softplus, deterministic = inputs
-    ctx.save_for_backward(x, x_dbl, dt_w, dt_b, A_logs, Ds)
+    x, w, w_bias, dt_w, dt_b, A_logs, Ds, delta_softplus, deterministic = inputs
+    ctx.save_for_backward(x, output[1], w, dt_w, dt_b, A_logs, Ds)
+    ctx.has_bias = w_bias is not None
     ctx.delta_softplus = delta_softplus
     ctx.deterministic = deterministic
 
 
-def _backward(ctx, dy):
-    x, x_dbl, dt_w, dt_b, A_logs, Ds = ctx.saved_tensors
-    grads = _core_bwd(dy, x, x_dbl, dt_w, dt_b, A_logs, Ds, ctx.delta_softplus, ctx.deterministic)
-    return (*grads, None, None)
+def _backward(ctx, dy, _dx_dbl):
+    # x_dbl is an internal output (saved for backward); nothing differentiates through it.
+    x, x_dbl, w, dt_w, dt_b, A_logs, Ds = ctx.saved_tensors
+    dx, dw, db, ddt_w, ddt_b, dA, dD = _core_bwd(dy, x, x_dbl, w, dt_w, dt_b, A_logs, Ds, ctx.delta_softplus,
+                                                 ctx.deterministic)
+    return dx, dw, (db if ctx.has_bias else None), ddt_w, ddt_b, dA, dD, None, None
 
 
 _core.register_autograd(_backward, setup_context=_setup_context)
@@ -124,11 +148,9 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     if R > C.css_max_dt_rank:
         raise ValueError(f"dt_projs_weight.shape[2] (dt_rank) must be <= {C.css_max_dt_rank} for the fused "
                          f"kernel, got {R}")
-    B, D, H, W = x.shape
+    D = x.shape[1]
     w = x_proj_weight.to(torch.float32).reshape(K * (R + 2 * N), D)
-    x_dbl = torch.matmul(w, x.to(torch.float32).reshape(B, D, H * W))
-    if x_proj_bias is not None:
-        x_dbl = x_dbl + x_proj_bias.to(torch.float32).reshape(K * (R + 2 * N), 1)
-    x_dbl = x_dbl.view(B, K, R + 2 * N, H * W)
-    return _core(x, x_dbl, _f32(dt_projs_weight), _f32(dt_projs_bias), _f32(A_logs), _f32(Ds),
+    w_bias = None if x_proj_bias is None else x_proj_bias.to(torch.float32).reshape(K * (R + 2 * N))
+    y, _ = _core(x, w, w_bias, _f32(dt_projs_weight), _f32(dt_projs_bias), _f32(A_logs), _f32(Ds),
                  bool(delta_softplus), bool(deterministic))
+    return y
