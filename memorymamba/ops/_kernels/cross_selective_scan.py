@@ -41,8 +41,9 @@ def _core(x: torch.Tensor, w: torch.Tensor, w_bias: torch.Tensor | None, dt_w: t
     """y (B, D, H, W) in x's dtype and x_dbl (B, 4, R+2N, L) fp32. w: (4*(R+2N), D) fp32."""
     C = extension()
     B, D, H, W = x.shape
+    # bmm on an expanded w: matmul would fold (B, D, L) into a transposed copy of x.
     if w_bias is None:
-        x_dbl = torch.matmul(w, _x_rows(x))
+        x_dbl = torch.bmm(w.expand(B, -1, -1), _x_rows(x))
     else:
         x_dbl = torch.baddbmm(w_bias.view(1, -1, 1), w.expand(B, -1, -1), _x_rows(x))
     x_dbl = x_dbl.view(B, K, -1, H * W)
@@ -99,7 +100,7 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.T
         dx_dbl = dx_dbl_part.sum(1)
     dx_dbl = dx_dbl.view(B, K * (R + 2 * N), L)
     # The x_proj GEMM's backward: dx = du + w^T d(x_dbl); dw = sum_b d(x_dbl)_b x_b^T.
-    dx = torch.baddbmm(du, w.t().expand(B, -1, -1), dx_dbl).view(B, D, H, W).to(x.dtype)
+    dx = du.baddbmm_(w.t().expand(B, -1, -1), dx_dbl).view(B, D, H, W).to(x.dtype)
     dw = torch.bmm(dx_dbl, _x_rows(x).transpose(1, 2)).sum(0)
     return (dx, dw, dx_dbl.sum((0, 2)), ddt_w_part.sum(0), ddt_b_part.sum(0), dA_part.sum(0).view(K * D, N),
             dDs_part.sum(0).view(K * D))
