@@ -57,8 +57,11 @@ def _grids() -> dict[str, dict[str, list[dict]]]:
         "memory_attention": {
             "quick": [dict(batch=8, dim=96, cells=4, similarity="cosine", dtype=F32, modes=ALL)],
             "cpu": [dict(batch=8, dim=d, cells=c, similarity="cosine", dtype=F32, modes=ALL)
-                    for d, c in ((96, 4), (768, 8))],
-            "gpu-check": [dict(batch=b, dim=96, cells=8, similarity="cosine", dtype=BF16, modes=ALL) for b in (1, 128)],
+                    for d, c in ((96, 4), (768, 8))]
+            # with side: the block's fused memory path (pooling + coarse `cells` + fine 2*`cells` networks)
+            + [dict(batch=b, dim=96, side=56, cells=4, similarity="cosine", dtype=F32, modes=ALL) for b in (1, 8)],
+            "gpu-check": [dict(batch=b, dim=96, cells=8, similarity="cosine", dtype=BF16, modes=ALL) for b in (1, 128)]
+            + [dict(batch=b, dim=96, side=56, cells=4, similarity="cosine", dtype=BF16, modes=ALL) for b in (1, 128)],
             "gpu": [dict(batch=b, dim=stage_shape("tiny", s)[0], cells=c, similarity=sim, dtype=BF16, modes=ALL)
                     for b, s, c, sim in itertools.product((1, 128), (1, 4), (4, 8), ("cosine", "l2"))],
             "full": [dict(batch=b, dim=stage_shape(cfg, s)[0], cells=c, similarity=sim, dtype=dt, modes=ALL)

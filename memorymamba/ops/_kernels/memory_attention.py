@@ -100,6 +100,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[0], *params)
     ctx.f_meta = (f.shape, f.dtype)
     ctx.similarity = similarity
+    ctx.set_materialize_grads(False)  # unused outputs' grads stay None (the kernel skips them): no zero fills
 
 
 def _backward(ctx, dp, dw_c, dh_c, dv_c, dw_f, dh_f, dv_f):
