@@ -6,12 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memorymamba._backend import unavailable_reason
+from conftest import require_backend
 from memorymamba.ops.cross_selective_scan import cross_selective_scan, cross_selective_scan_ref
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None,
-                                reason=f"CPU kernels unavailable: {unavailable_reason('cpu')}")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+OP = "cross_selective_scan"
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels():
+    require_backend("cpu", OP)  # every test here also runs the CPU kernels
+
+
+@pytest.fixture
+def cuda():
+    # Checked inside the test, so collecting this file makes no CUDA call.
+    require_backend("cuda", OP)
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 PARAM_NAMES = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds", "x_proj_bias")
@@ -199,10 +208,10 @@ def test_bad_inputs_raise_named_errors():
 
 # ---- GPU ---------------------------------------------------------------------------------------
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:6] + [(2, 16, 40, 37, 1, 6, True)], ids=str)
-def test_cuda_fp32(shape, deterministic):
+def test_cuda_fp32(cuda, shape, deterministic):
     B, D, H, W, N, R, bias = shape
     inp = make_inputs(B, D, H, W, N, R, bias=bias, device="cuda")
     dy = torch.randn(B, D, H, W, device="cuda")
@@ -211,14 +220,14 @@ def test_cuda_fp32(shape, deterministic):
     assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, f"cuda fp32 {shape}")
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_low_precision(dtype):
+def test_cuda_low_precision(cuda, dtype):
     _check_low_precision("cuda", dtype, (2, 6, 7, 5, 1, 6))
 
 
-@gpu
-def test_cuda_long_sequence_and_determinism():
+@pytest.mark.gpu
+def test_cuda_long_sequence_and_determinism(cuda):
     inp = make_inputs(2, 8, 67, 61, 4, 6, device="cuda")  # L = 4087: several segments
     dy = torch.randn(2, 8, 67, 61, device="cuda")
     a = _bits(run(kernel_fn("cuda", deterministic=True), inp, dy))

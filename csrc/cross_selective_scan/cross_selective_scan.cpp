@@ -7,8 +7,9 @@
 // kCpuChannelChunks partials are summed in order by the caller. The chunk count is a constant, not
 // the thread count, so results are bitwise identical for any number of threads. Backward
 // recomputes the forward fully (no saved states).
-// Each task splits its work into vectorisable per-position loops (spatial order) and the scalar
-// recurrence, which walks the direction's index map through a precomputed permutation.
+// Each task splits its work into vectorisable per-position loops (spatial order, one channel at a
+// time) and the recurrences, run for kLanes channels at once (one SIMD register), which walk the
+// direction's index map through a precomputed permutation.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -53,7 +54,8 @@ namespace {
 #endif
 
 // Channels scanned together: kLanes independent recurrences fill a SIMD register, where one
-// channel's recurrence would be bound by the latency of its dependency chain.
+// channel's recurrence would be bound by the latency of its dependency chain. Measured (2-core dev
+// box, 1 thread, B=8 D=96 56x56 N=1 R=6): forward 93 -> 63 ms against one channel at a time.
 constexpr int kLanes = 8;
 
 // dt_raw = bias + w . dts; delta = softplus(dt_raw); a = exp(delta A); bu = delta B u for one channel.

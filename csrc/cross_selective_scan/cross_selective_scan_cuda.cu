@@ -52,8 +52,9 @@ __device__ Affine block_exclusive_scan(Affine v, Affine& total, Affine* smem) {
     const bool has = kReverse ? (lane + off < 32) : (lane >= off);
     if (has) inc = css_combine({pa, pb}, inc);
   }
-  const int edge = kReverse ? 0 : 31;
-  if (lane == edge) smem[warp] = inc;
+  const int last = kReverse ? 0 : 31;   // its inclusive value covers the whole warp
+  const int first = kReverse ? 31 : 0;  // nothing precedes it inside the warp
+  if (lane == last) smem[warp] = inc;
   const float ea = kReverse ? __shfl_down_sync(0xffffffffu, inc.a, 1) : __shfl_up_sync(0xffffffffu, inc.a, 1);
   const float eb = kReverse ? __shfl_down_sync(0xffffffffu, inc.b, 1) : __shfl_up_sync(0xffffffffu, inc.b, 1);
   __syncthreads();
@@ -66,7 +67,7 @@ __device__ Affine block_exclusive_scan(Affine v, Affine& total, Affine* smem) {
     total = css_combine(total, smem[w]);
   }
   __syncthreads();  // smem is reused by the next call
-  const Affine ex = (lane == edge) ? Affine{1.f, 0.f} : Affine{ea, eb};
+  const Affine ex = (lane == first) ? Affine{1.f, 0.f} : Affine{ea, eb};
   return css_combine(before, ex);
 }
 
