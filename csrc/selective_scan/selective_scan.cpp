@@ -210,11 +210,12 @@ struct Row {
 // Scratch of one thread: chunk-sized float arrays (N of them for the per-state ones).
 struct Scratch {
   std::vector<float> mem;
-  float *uf, *raw, *dt, *y, *bf, *cf, *b, *dy, *dd, *dua, *g, *t1, *t2, *a, *xp;
-  explicit Scratch(int64_t N) : mem(13 * K + N * K + N * (K + 1)) {
+  float *uf, *raw, *dt, *y, *bf, *cf, *b, *dy, *dd, *dua, *g, *t1, *t2, *a, *bs, *xp;
+  explicit Scratch(int64_t N) : mem(13 * K + 2 * N * K + N * (K + 1)) {
     float* p = mem.data();
     for (float** q : {&uf, &raw, &dt, &y, &bf, &cf, &b, &dy, &dd, &dua, &g, &t1, &t2}) { *q = p; p += K; }
     a = p; p += N * K;
+    bs = p; p += N * K;  // backward: B of every state, loaded once per chunk
     xp = p;  // (N, K + 1): xp[n][k] = x_{t0+k-1}, so xp[n][k + 1] = x_{t0+k}
   }
 };
@@ -310,14 +311,17 @@ MM_CPU_INLINE void bwd_cpu_row(const SSBwdParams& p, int64_t b, int64_t d, float
     r.delta_chunk(s.raw, s.dt, t0, len, p.delta_softplus);
     load_chunk<input_t>(s.dy, dout, t0, len);
     // Recompute the chunk's states from the saved chunk-start state (and y if z gates it).
-    for (int64_t k = 0; k < len; ++k) s.y[k] = r.D * s.uf[k];
+    if (dz) {
+      for (int64_t k = 0; k < len; ++k) s.y[k] = r.D * s.uf[k];
+    }
     for (int64_t n = 0; n < N; ++n) {
       float* a = s.a + n * K;
       float* xp = s.xp + n * (K + 1);
-      r.Bchunk(s.bf, n, t0, len);
+      float* bf = s.bs + n * K;
+      r.Bchunk(bf, n, t0, len);
       const float A = r.A[n];
       for (int64_t k = 0; k < len; ++k) {
-        const ScanPair e = discretise(s.dt[k], A, s.bf[k], s.uf[k]);
+        const ScanPair e = discretise(s.dt[k], A, bf[k], s.uf[k]);
         a[k] = e.a;
         s.b[k] = e.b;
       }
@@ -345,7 +349,7 @@ MM_CPU_INLINE void bwd_cpu_row(const SSBwdParams& p, int64_t b, int64_t d, float
     for (int64_t n = 0; n < N; ++n) {
       const float* a = s.a + n * K;
       const float* xp = s.xp + n * (K + 1);
-      r.Bchunk(s.bf, n, t0, len);
+      const float* bf = s.bs + n * K;
       r.Cchunk(s.cf, n, t0, len);
       float cn = carry[n];
       for (int64_t k = len - 1; k >= 0; --k) {
@@ -358,7 +362,7 @@ MM_CPU_INLINE void bwd_cpu_row(const SSBwdParams& p, int64_t b, int64_t d, float
       float dA = 0.f, dBs = 0.f, dCs = 0.f;
 #pragma omp simd reduction(+ : dA, dBs, dCs)
       for (int64_t k = 0; k < len; ++k) {
-        const StepGrad sg = step_grad(s.g[k], xp[k], a[k], s.dt[k], A, s.bf[k], s.uf[k]);
+        const StepGrad sg = step_grad(s.g[k], xp[k], a[k], s.dt[k], A, bf[k], s.uf[k]);
         const float dC = s.dy[k] * xp[k + 1];
         dA += sg.dA;
         s.dd[k] += sg.ddelta;
