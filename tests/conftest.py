@@ -22,8 +22,8 @@ def _seed(request):
 def require_backend(backend, op):
     """Skip unless `backend` can run `op` here; returns the device its tensors must live on."""
     reason = unavailable_reason(backend)
-    if reason is None and backend != "torch" and not _dispatch._kernel_module_exists(op):
-        reason = f"memorymamba/ops/_kernels/{op}.py does not exist yet"
+    if reason is None and backend != "torch" and op not in _dispatch.KERNEL_OPS:
+        reason = f"{op} has no compiled kernel"
     if reason is not None:
         pytest.skip(f"backend {backend!r}: {reason}")
     return torch.device("cuda" if backend == "cuda" else "cpu")

@@ -62,16 +62,23 @@ def test_mixed_devices_rejected():
         resolve(None, torch.randn(2), torch.randn(2, device="meta"))
 
 
-def test_kernel_not_written_yet_rule(monkeypatch):
-    """backend=None falls back to torch for an op whose kernel wrapper is missing; explicit kernels raise."""
+def test_op_without_kernel_rule(monkeypatch):
+    """An op with no compiled kernel runs on torch under backend=None; an explicit kernel backend raises."""
     monkeypatch.setattr(_dispatch, "resolve", lambda backend, *tensors: backend or "cpu")
-    monkeypatch.setattr(_dispatch, "_kernel_module_exists", lambda op: False)
-    assert _dispatch.pick_backend("memory_attention", None, torch.randn(2)) == "torch"
+    assert _dispatch.pick_backend("cross_scan", None, torch.randn(2)) == "torch"
     with pytest.raises(BackendUnavailableError) as info:
-        _dispatch.pick_backend("memory_attention", "cpu", torch.randn(2))
-    assert "memory_attention" in str(info.value) and "not built yet" in str(info.value)
-    monkeypatch.setattr(_dispatch, "_kernel_module_exists", lambda op: True)
+        _dispatch.pick_backend("cross_scan", "cpu", torch.randn(2))
+    assert "cross_scan" in str(info.value) and "no compiled kernel" in str(info.value)
     assert _dispatch.pick_backend("memory_attention", None, torch.randn(2)) == "cpu"
+
+
+def test_kernel_lookup_is_traceable():
+    """kernel() is a plain attribute lookup, so torch.compile(fullgraph=True) of a public op has no break."""
+    for op in _dispatch.KERNEL_OPS:
+        assert callable(_dispatch.kernel(op))
+    u = torch.randn(1, 2, 5)
+    fn = torch.compile(lambda u: _dispatch.kernel("selective_scan"), fullgraph=True, backend="eager")
+    assert fn(u) is _dispatch.kernel("selective_scan")
 
 
 def test_memory_attention_runs_with_default_backend():
