@@ -1,9 +1,9 @@
 """Synthetic surface-defect images with the six NEU-CLS classes, drawn deterministically from a seed.
 
 Classes differ by the *shape and structure* of the defect only. Every image is pushed through a
-rank transform to a Gaussian histogram whose mean and spread are drawn independently of the class,
-so global intensity statistics (mean, std, histogram) carry no class information; the defect
-polarity (darker or brighter than the surface) is random too.
+rank transform to the same Gaussian histogram (mean 127.5, std 40), so global intensity statistics
+(mean, std, histogram) are the same for every image and carry no class information; the defect
+polarity (darker or brighter than the surface) is random.
 
   crazing          a web of many short, thin, wiggly cracks
   inclusion        1-4 elongated slivers sharing an orientation
@@ -29,7 +29,7 @@ from scipy import ndimage
 from scipy.special import ndtri
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
-GENERATOR_VERSION = 2  # bump when drawing changes so stale caches are not reused
+GENERATOR_VERSION = 3  # bump when drawing changes so stale caches are not reused
 
 
 @dataclass(frozen=True)
@@ -181,13 +181,18 @@ def draw(rng: np.random.Generator, label: int, n: int) -> np.ndarray:
     # small defects need more contrast to stand out of the texture as much as large ones
     strength = rng.uniform(2.5, 4.0) * _GAIN[label] * (1 if rng.random() < 0.5 else -1)
     img = _background(rng, n) * rng.uniform(0.35, 0.7) + strength * defect
-    img = img + rng.normal(0, rng.uniform(0.1, 0.5), img.shape)
+    # Weak pixel noise: the rank transform re-expands any background to full range, and strong
+    # per-pixel noise then looks as loud as a defect edge to nano's contrast-normalising ln2d stem.
+    img = img + rng.normal(0, rng.uniform(0.02, 0.1), img.shape)
     if rng.random() < 0.5:
         img = ndimage.gaussian_filter(img, rng.uniform(0.3, 0.7))
-    # Histogram matching to N(mean, std): kills every global intensity statistic, keeps the order.
+    # Histogram matching to one fixed N(127.5, 40^2) for every image: global intensity statistics are
+    # identical across images (hence classless) and the order of pixels is kept. A random per-image
+    # mean/std (v2) was a nuisance the ln2d stem cannot undo: it slowed nano's learning (~0.25 -> 0.30
+    # val accuracy after 90 steps of 32 in a controlled run) and carried no class information anyway.
     ranks = np.argsort(np.argsort(img.ravel(), kind="stable"), kind="stable")
     z = ndtri((ranks + 0.5) / ranks.size).reshape(n, n)
-    out = rng.uniform(95, 160) + rng.uniform(22, 45) * z
+    out = 127.5 + 40.0 * z
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
