@@ -4,6 +4,7 @@
 //   mm_exp, mm_log1p, mm_sigmoid        fast intrinsics on the GPU, branch-free polynomials
 //                                       on the host (vectorisable)
 //   softplus / softplus_grad            mamba's threshold: x > 20 -> x
+//   mm_log1p_unit, softplus_stable      log1p on [0, 1]; softplus as max(x,0) + log1p(exp(-|x|))
 //   silu / silu_grad                    the z gate y * silu(z)
 //   ScanPair, scan_combine              state recurrence x_t = a_t * x_{t-1} + b_t as an
 //                                       associative operator (also used reversed for grads)
@@ -83,11 +84,39 @@ MM_HD float mm_log1p(float y) {
 
 MM_HD float mm_sigmoid(float x) { return 1.f / (1.f + mm_exp(-x)); }
 
+// log1p(z) for z in [0, 1] only: 2*atanh(s), s = z/(2+z) <= 1/3 (no cancellation). On the host a
+// single division and polynomial, cheaper than mm_log1p's log; what a stable softplus needs.
+MM_HD float mm_log1p_unit(float z) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(z);
+#else
+  const float s = z / (2.f + z);
+  const float s2 = s * s;
+  float p = 1.f / 17.f;
+  p = p * s2 + 1.f / 15.f;
+  p = p * s2 + 1.f / 13.f;
+  p = p * s2 + 1.f / 11.f;
+  p = p * s2 + 1.f / 9.f;
+  p = p * s2 + 1.f / 7.f;
+  p = p * s2 + 1.f / 5.f;
+  p = p * s2 + 1.f / 3.f;
+  p = p * s2 + 1.f;
+  return 2.f * s * p;
+#endif
+}
+
 // Above 20, log1p(exp(x)) == x in fp32; the cut also keeps exp from overflowing.
 MM_HD float softplus(float x) { return x <= 20.f ? mm_log1p(mm_exp(x)) : x; }
 
 // d softplus(x) / dx; matches the forward's cut (slope 1 above 20).
 MM_HD float softplus_grad(float x) { return x <= 20.f ? mm_sigmoid(x) : 1.f; }
+
+// Softplus without a threshold, max(x, 0) + log1p(exp(-|x|)) (cross_selective_scan's form): the
+// same function as softplus, cheaper on the host (no log). Its slope is softplus_grad.
+MM_HD float softplus_stable(float x) {
+  const float ax = x < 0.f ? -x : x;
+  return (x > 0.f ? x : 0.f) + mm_log1p_unit(mm_exp(-ax));
+}
 
 MM_HD float silu(float z) { return z * mm_sigmoid(z); }
 

@@ -1,6 +1,7 @@
 // Fused cross-direction selective scan (VMamba SS2D "v05_noz" core): params and the arithmetic
-// shared by the CPU and CUDA builds. Every formula of the op lives here as an MM_HD function, so the
-// CPU kernels (the CI-tested path) run the very lines the GPU runs.
+// shared by the CPU and CUDA builds. Every formula of the op lives here or in common/ssm_math.h
+// (shared with selective_scan) as an MM_HD function, so the CPU kernels (the CI-tested path) run the
+// very lines the GPU runs.
 //
 // Layout: x (B, D, H, W) any strides; xdbl (B, K, R+2N, L) fp32 contiguous in *spatial* order
 // l = h*W + w (the x_proj GEMM is per-position, so it never needs a cross-scan copy); direction k
@@ -9,9 +10,9 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "common/macros.h"
+#include "common/ssm_math.h"
 
 namespace css {
 
@@ -50,48 +51,9 @@ struct BwdParams : FwdParams {
   float* __restrict__ seg_states;      // CUDA only: (B, D, K, n_segments, N) scratch
 };
 
-// ---- platform primitives -------------------------------------------------------------------
-#if defined(__CUDA_ARCH__)
-MM_HD float mm_exp(float x) { return __expf(x); }
-MM_HD float mm_log1p(float x) { return log1pf(x); }
-#else
-// Branch-free polynomials so the CPU loops auto-vectorise (libm calls would not, without
-// -ffast-math). exp: 2^n * e^r, |r| <= ln2/2, degree-7 Taylor (truncation < 6e-9 relative).
-inline float mm_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // Round to nearest by the 1.5*2^23 trick: vectorises without -ffast-math, unlike nearbyint.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693145751953125f;  // Cody-Waite: ln2 = hi + lo, hi exact in 11 bits
-  r = r - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-// log1p(z) for z in [0, 1] (all softplus needs): 2*atanh(s), s = z/(2+z) <= 1/3, no cancellation.
-inline float mm_log1p(float z) {
-  const float s = z / (2.0f + z);
-  const float s2 = s * s;
-  float p = 1.0f / 17.0f;
-  p = p * s2 + 1.0f / 15.0f;
-  p = p * s2 + 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
-}
-#endif
+// exp, log1p, softplus and the per-step recurrence maths are selective_scan's (common/ssm_math.h):
+// one copy, so both ops run the same lines on CPU and GPU.
+using memorymamba::mm_exp;
 
 // ---- the op's arithmetic ---------------------------------------------------------------------
 
@@ -104,44 +66,30 @@ MM_HD int64_t css_spatial_index(int k, int64_t t, int H, int W) {
   return h * W + w;
 }
 
-// Stable softplus: max(x, 0) + log1p(exp(-|x|)).
-MM_HD float css_softplus(float x) {
-  const float ax = x < 0.f ? -x : x;
-  return (x > 0.f ? x : 0.f) + mm_log1p(mm_exp(-ax));
+MM_HD float css_delta(float dt_raw, bool softplus) {
+  return softplus ? memorymamba::softplus_stable(dt_raw) : dt_raw;
 }
-
-// d softplus / dx = sigmoid(x), from the same exp as the forward.
-MM_HD float css_softplus_grad(float x) {
-  const float ax = x < 0.f ? -x : x;
-  const float e = mm_exp(-ax);
-  const float inv = 1.0f / (1.0f + e);
-  return x > 0.f ? inv : e * inv;
+MM_HD float css_delta_grad(float dt_raw, bool softplus) {
+  return softplus ? memorymamba::softplus_grad(dt_raw) : 1.0f;
 }
-
-MM_HD float css_delta(float dt_raw, bool softplus) { return softplus ? css_softplus(dt_raw) : dt_raw; }
-MM_HD float css_delta_grad(float dt_raw, bool softplus) { return softplus ? css_softplus_grad(dt_raw) : 1.0f; }
 
 // Zero-order-hold-free discretisation of mamba: h_t = a h_{t-1} + b with a = exp(delta A), b = delta B u.
 MM_HD float css_decay(float delta, float A) { return mm_exp(delta * A); }
 MM_HD float css_input(float delta, float B, float u) { return delta * B * u; }
 
 // Compose the affine maps h -> a h + b: `first` then `second`.
-struct Affine {
-  float a, b;
-};
-MM_HD Affine css_combine(Affine first, Affine second) {
-  return {second.a * first.a, second.a * first.b + second.b};
-}
+using Affine = memorymamba::ScanPair;
+MM_HD Affine css_combine(Affine first, Affine second) { return memorymamba::scan_combine(first, second); }
 
 // Per-element backward of one state n at one time step. Inputs: dh (total grad of h_t), h_prev,
 // a, delta, A, B, u. Accumulates into ddelta, du, dA and returns dB.
 MM_HD float css_step_bwd(float dh, float h_prev, float a, float delta, float A, float B, float u,
                          float& ddelta, float& du, float& dA) {
-  const float da_a = dh * h_prev * a;  // d/d(delta*A) of a * h_prev
-  ddelta += da_a * A + dh * B * u;
-  dA += da_a * delta;
-  du += dh * delta * B;
-  return dh * delta * u;
+  const memorymamba::StepGrad s = memorymamba::step_grad(dh, h_prev, a, delta, A, B, u);
+  ddelta += s.ddelta;
+  dA += s.dA;
+  du += s.du;
+  return s.dB;
 }
 
 }  // namespace css
