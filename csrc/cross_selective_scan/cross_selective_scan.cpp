@@ -26,7 +26,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include "cross_selective_scan/cross_selective_scan.h"
-#include "cross_selective_scan/dispatch.h"
+#include "common/dispatch.h"
 
 #ifdef MEMORYMAMBA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -389,7 +389,7 @@ void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
     MM_CHECK(false, "memorymamba._C was built without CUDA kernels; x is on ", x.device());
 #endif
   }
-  CSS_DISPATCH_INPUT_TYPES(x.scalar_type(), "cross_selective_scan_fwd",
+  MM_DISPATCH_FLOAT_TYPES(x.scalar_type(), scalar_t, "cross_selective_scan_fwd: x",
                                   [&] { fwd_cpu<scalar_t>(p); });
 }
 
@@ -443,7 +443,7 @@ void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
     MM_CHECK(false, "memorymamba._C was built without CUDA kernels; x is on ", x.device());
 #endif
   }
-  CSS_DISPATCH_INPUT_TYPES(x.scalar_type(), "cross_selective_scan_bwd",
+  MM_DISPATCH_FLOAT_TYPES(x.scalar_type(), scalar_t, "cross_selective_scan_bwd: x",
                                   [&] { bwd_cpu<scalar_t>(p); });
 }
 

@@ -21,7 +21,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "cross_selective_scan/cross_selective_scan.h"
-#include "cross_selective_scan/dispatch.h"
+#include "common/dispatch.h"
 
 namespace css {
 
@@ -326,7 +326,7 @@ __global__ __launch_bounds__(KT::kNThreads) void bwd_kernel(BwdParams p) {
 void fwd_cuda(FwdParams& p, at::ScalarType dtype) {
   const dim3 grid(p.dim, p.batch);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  CSS_DISPATCH_INPUT_TYPES(dtype, "cross_selective_scan_fwd_cuda", [&] {
+  MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_fwd_cuda: x", [&] {
     fwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -335,7 +335,7 @@ void fwd_cuda(FwdParams& p, at::ScalarType dtype) {
 void bwd_cuda(BwdParams& p, at::ScalarType dtype) {
   const dim3 grid(p.dim, p.batch);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  CSS_DISPATCH_INPUT_TYPES(dtype, "cross_selective_scan_bwd_cuda", [&] {
+  MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_bwd_cuda: x", [&] {
     bwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "common/registry.h"
-#include "memory_attention/dispatch.h"
+#include "common/dispatch.h"
 #include "memory_attention/memory_attention.h"
 
 #ifdef MEMORYMAMBA_WITH_CUDA
@@ -299,7 +299,7 @@ void fwd(const at::Tensor& f, at::Tensor& p, int64_t similarity,
     MM_CHECK(false, "memorymamba._C was built without CUDA kernels; f_tilde is on ", dev);
 #endif
   }
-  MATTN_DISPATCH_INPUT_TYPES(f.scalar_type(), "memory_attention_fwd", [&] { fwd_cpu<scalar_t>(P); });
+  MM_DISPATCH_FLOAT_TYPES(f.scalar_type(), scalar_t, "memory_attention_fwd: f_tilde", [&] { fwd_cpu<scalar_t>(P); });
 }
 
 // p: saved fp32 pooled features (B, D); dp_in: grad of the returned p or None; dp: (B, D) fp32 out,

@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "memory_attention/dispatch.h"
+#include "common/dispatch.h"
 #include "memory_attention/memory_attention.h"
 
 namespace mattn {
@@ -250,7 +250,7 @@ void set_smem(const void* kernel, size_t bytes) {
 void fwd_cuda(const FwdParams& P, at::ScalarType dtype) {
   const size_t smem = smem_bytes(P);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  MATTN_DISPATCH_INPUT_TYPES(dtype, "memory_attention_fwd_cuda", [&] {
+  MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "memory_attention_fwd_cuda: f_tilde", [&] {
     set_smem(reinterpret_cast<const void*>(fwd_kernel<scalar_t>), smem);
     fwd_kernel<scalar_t><<<P.batch, KT::kNThreads, smem, stream>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

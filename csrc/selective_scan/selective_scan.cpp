@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/dispatch.h"
 #include "common/registry.h"
 #include "common/ssm_math.h"
 #include "selective_scan/selective_scan.h"
@@ -488,15 +489,6 @@ void bwd_cpu_kernel(const SSBwdParams& p) {
   if (dC_part.defined()) at::from_blob(p.dC_ptr, {p.batch, G, N, L}, fopt).add_(dC_part.sum(0));
 }
 
-#define MM_DISPATCH_INPUT_TYPES(DTYPE, NAME, ...)                                   \
-  [&] {                                                                             \
-    switch (DTYPE) {                                                                \
-      case at::kFloat: { using input_t = float; return __VA_ARGS__(); }             \
-      case at::kHalf: { using input_t = at::Half; return __VA_ARGS__(); }           \
-      case at::kBFloat16: { using input_t = at::BFloat16; return __VA_ARGS__(); }   \
-      default: TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE);             \
-    }                                                                               \
-  }()
 
 // ---------------------------------------------------------------- entry points
 
@@ -519,7 +511,7 @@ void selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::
 #endif
   }
   MM_CHECK(u.is_cpu(), "u must be a CPU or CUDA tensor, got ", u.device());
-  MM_DISPATCH_INPUT_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
+  MM_DISPATCH_FLOAT_TYPES(u.scalar_type(), input_t, "selective_scan_fwd: u", [&] {
     fwd_cpu_kernel<input_t>(p);
   });
 }
@@ -581,7 +573,7 @@ void selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::
 #endif
   }
   MM_CHECK(u.is_cpu(), "u must be a CPU or CUDA tensor, got ", u.device());
-  MM_DISPATCH_INPUT_TYPES(dtype, "selective_scan_bwd", [&] {
+  MM_DISPATCH_FLOAT_TYPES(dtype, input_t, "selective_scan_bwd: u", [&] {
     bwd_cpu_kernel<input_t>(p);
   });
 }
