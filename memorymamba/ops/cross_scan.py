@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from memorymamba.ops._dispatch import kernel, pick_backend
+from memorymamba.ops._dispatch import pick_backend
 
 K_DIRECTIONS = 4
 
@@ -37,9 +37,8 @@ def cross_scan(x, *, backend=None):
     _check_tensor("x", x)
     if x.dim() != 4 or min(x.shape) < 1:
         raise ValueError(f"x must have shape (B, C, H, W) with every size >= 1, got {tuple(x.shape)}")
-    if pick_backend("cross_scan", backend, x) == "torch":
-        return _cross_scan_torch(x)
-    return kernel("cross_scan")(x)
+    pick_backend("cross_scan", backend, x)  # pure PyTorch only: raises for an explicit kernel backend
+    return _cross_scan_torch(x)
 
 
 def cross_merge(ys, H=None, W=None, *, backend=None):
@@ -49,6 +48,8 @@ def cross_merge(ys, H=None, W=None, *, backend=None):
     and 3 entries are in column-major order whatever the trailing (H, W) shape suggests.
     """
     _check_tensor("ys", ys)
+    if ys.dim() in (4, 5) and (ys.shape[1] != K_DIRECTIONS or min(ys.shape) < 1):
+        raise ValueError(f"ys must have 4 directions in dim 1 and sizes >= 1, got shape {tuple(ys.shape)}")
     if ys.dim() == 5:
         if H is not None and (H, W) != tuple(ys.shape[3:]):
             raise ValueError(f"H, W = ({H}, {W}) must match ys's last two sizes {tuple(ys.shape[3:])}")
@@ -62,8 +63,5 @@ def cross_merge(ys, H=None, W=None, *, backend=None):
                              f"got {tuple(ys.shape)}")
     else:
         raise ValueError(f"ys must have rank 5 (B, 4, C, H, W) or 4 (B, 4, C, H*W), got shape {tuple(ys.shape)}")
-    if ys.shape[1] != K_DIRECTIONS or min(ys.shape) < 1:
-        raise ValueError(f"ys must have 4 directions in dim 1 and sizes >= 1, got shape {tuple(ys.shape)}")
-    if pick_backend("cross_scan", backend, ys) == "torch":
-        return _cross_merge_torch(ys, H, W)
-    return kernel("cross_scan", "cross_merge")(ys, H, W)
+    pick_backend("cross_scan", backend, ys)  # pure PyTorch only: raises for an explicit kernel backend
+    return _cross_merge_torch(ys, H, W)
