@@ -87,14 +87,14 @@ def _extensions():
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     jobs = os.environ.get("MAX_JOBS", "")
-    # -fopenmp: without it at::parallel_for (an inline header) compiles to a serial loop in our
-    # files; the GOMP symbols resolve to the libgomp that torch already loads.
     # The archs the CUDA kernels are compiled for, as `_C.cuda_archs` ("" for a CPU-only build).
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     archs = ";".join(a for a in archs.replace(" ", ";").split(";") if a)
     versions = [f'-DMEMORYMAMBA_TORCH_VERSION="{torch.__version__}"',
                 f'-DMEMORYMAMBA_CUDA_ARCHS="{archs}"']
     # torch >= 2.10 headers require C++20.
+    # -fopenmp: without it at::parallel_for (an inline header) compiles to a serial loop in our
+    # files; the GOMP symbols resolve to the libgomp that torch already loads.
     # -fno-trapping-math lets GCC if-convert the branch-free exp/log of csrc/common/ssm_math.h
     # so the CPU kernels' loops vectorise; it changes no result, only FP exception flags.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", *versions]
