@@ -60,12 +60,19 @@ struct Smem {
   }
 };
 
-size_t smem_bytes(const FwdParams& P) {
-  int Hd = 1, m = 1;
+// The largest hidden width and cell count over the networks: they size the shared scratch.
+__host__ __device__ void max_net_sizes(const FwdParams& P, int& Hd, int& m) {
+  Hd = 1;
+  m = 1;
   for (int k = 0; k < P.n_nets; ++k) {
-    Hd = max(Hd, P.net[k].hidden);
-    m = max(m, P.net[k].cells);
+    Hd = P.net[k].hidden > Hd ? P.net[k].hidden : Hd;
+    m = P.net[k].cells > m ? P.net[k].cells : m;
   }
+}
+
+size_t smem_bytes(const FwdParams& P) {
+  int Hd, m;
+  max_net_sizes(P, Hd, m);
   return sizeof(float) * (4 * size_t(P.dim) + 2 * Hd + 3 * m + 3 * KT::kNWarps);
 }
 
@@ -114,11 +121,8 @@ __device__ float net_forward(const FwdParams& P, int k, Smem& sm, SimSums& s) {
 template <typename T>
 __global__ void __launch_bounds__(KT::kNThreads) fwd_kernel(const FwdParams P) {
   extern __shared__ float smem_raw[];
-  int hd_max = 1, m_max = 1;
-  for (int k = 0; k < P.n_nets; ++k) {
-    hd_max = max(hd_max, P.net[k].hidden);
-    m_max = max(m_max, P.net[k].cells);
-  }
+  int hd_max, m_max;
+  max_net_sizes(P, hd_max, m_max);
   Smem sm(smem_raw, P.dim, hd_max, m_max);
   const int b = blockIdx.x, D = P.dim, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t W = P.width, L = int64_t(P.height) * W;
@@ -161,11 +165,8 @@ __global__ void __launch_bounds__(KT::kNThreads) fwd_kernel(const FwdParams P) {
 
 __global__ void __launch_bounds__(KT::kNThreads) bwd_sample_kernel(const BwdParams P) {
   extern __shared__ float smem_raw[];
-  int hd_max = 1, m_max = 1;
-  for (int k = 0; k < P.n_nets; ++k) {
-    hd_max = max(hd_max, P.net[k].hidden);
-    m_max = max(m_max, P.net[k].cells);
-  }
+  int hd_max, m_max;
+  max_net_sizes(P, hd_max, m_max);
   Smem sm(smem_raw, P.dim, hd_max, m_max);
   const int64_t b = blockIdx.x;
   const int D = P.dim, lane = threadIdx.x % 32, warp = threadIdx.x / 32;

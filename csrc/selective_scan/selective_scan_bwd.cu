@@ -5,6 +5,7 @@
 // as the same block scan on reversed thread order. Weight grads: per-thread fp32 partials,
 // block-reduced per chunk into shared memory, one atomicAdd per block at the end; variable
 // dB/dC use fp32 atomicAdd (channels of a group share them).
+#include "common/dispatch.h"
 #include "selective_scan/selective_scan_common.cuh"
 
 namespace memorymamba {
@@ -224,12 +225,8 @@ void selective_scan_bwd_cuda(const SSBwdParams& p, c10::ScalarType dtype, int de
   check_grid(p);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  switch (dtype) {
-    case at::kFloat: return selective_scan_bwd_launch<float>(p, stream);
-    case at::kHalf: return selective_scan_bwd_launch<at::Half>(p, stream);
-    case at::kBFloat16: return selective_scan_bwd_launch<at::BFloat16>(p, stream);
-    default: TORCH_CHECK(false, "selective_scan_bwd (CUDA): unsupported dtype ", dtype);
-  }
+  MM_DISPATCH_FLOAT_TYPES(dtype, input_t, "selective_scan_bwd (CUDA): u",
+                          [&] { selective_scan_bwd_launch<input_t>(p, stream); });
 }
 
 }  // namespace memorymamba

@@ -1,4 +1,5 @@
 // selective_scan forward, CUDA. See selective_scan_common.cuh for the block layout.
+#include "common/dispatch.h"
 #include "selective_scan/selective_scan_common.cuh"
 
 namespace memorymamba {
@@ -106,12 +107,8 @@ void selective_scan_fwd_cuda(const SSFwdParams& p, c10::ScalarType dtype, int de
   check_grid(p);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  switch (dtype) {
-    case at::kFloat: return selective_scan_fwd_launch<float>(p, stream);
-    case at::kHalf: return selective_scan_fwd_launch<at::Half>(p, stream);
-    case at::kBFloat16: return selective_scan_fwd_launch<at::BFloat16>(p, stream);
-    default: TORCH_CHECK(false, "selective_scan_fwd (CUDA): unsupported dtype ", dtype);
-  }
+  MM_DISPATCH_FLOAT_TYPES(dtype, input_t, "selective_scan_fwd (CUDA): u",
+                          [&] { selective_scan_fwd_launch<input_t>(p, stream); });
 }
 
 }  // namespace memorymamba
