@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from memorymamba import ops
 from memorymamba.nn.layers import Mlp
-
-SIMILARITIES = ("cosine", "l1", "l2")
+from memorymamba.ops.memory_attention import SIMILARITIES
 
 
 def query_hidden_width(dim: int) -> int:
@@ -75,8 +75,6 @@ class MemoryNetwork(nn.Module):
 
     def forward(self, p: torch.Tensor, *, backend: str | None = None):
         """p (B, dim) pooled features -> (add (B, dim), h (B, size) query logits, v (B, dim) readout)."""
-        from memorymamba import ops
-
         with torch.autocast(p.device.type, enabled=False):  # the op keeps its own (fp32) precision
             w, h, v = ops.memory_attention(p, *self.attention_params(), self.similarity, backend=backend)
         return self.fuse(w, v), h, v

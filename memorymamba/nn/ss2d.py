@@ -13,8 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from memorymamba import ops
 from memorymamba.nn.layers import LayerNorm2d, Linear2d, init_dt_bias
 from memorymamba.nn.memory import SIMILARITIES, MemoryNetwork
+from memorymamba.ops._dispatch import kernel, pick_backend
+from memorymamba.ops._kernels.memory_attention import KERNEL_DTYPES
 
 K_DIRECTIONS = 4
 
@@ -119,17 +122,12 @@ class SS2D(nn.Module):
 
     def _fused_memory(self, f: torch.Tensor) -> bool:
         """Whether the memory networks run as the one fused kernel (a compiled backend and dtype)."""
-        from memorymamba.ops._dispatch import pick_backend
-        from memorymamba.ops._kernels.memory_attention import KERNEL_DTYPES
-
         params = [t for m in (self.coarse_memory, self.fine_memory) if m is not None for t in m.attention_params()]
         return (f.dtype in KERNEL_DTYPES and all(t is None or t.dtype == torch.float32 for t in params)
                 and pick_backend("memory_attention", self.backend, f, *params) != "torch")
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """x (B, d_model, H, W) [or (B, H, W, d_model)] -> same shape; with return_aux also a BlockAux."""
-        from memorymamba import ops
-
         expect = "(B, d_model, H, W)" if self.channel_first else "(B, H, W, d_model)"
         c_axis = 1 if self.channel_first else -1
         if x.dim() != 4 or x.shape[c_axis] != self.d_model:
@@ -144,8 +142,6 @@ class SS2D(nn.Module):
             add = 0
             if self._fused_memory(f):
                 # One kernel: pooling and both memory networks (memorymamba.ops._kernels.memory_attention).
-                from memorymamba.ops._dispatch import kernel
-
                 nets = [None if m is None else m.attention_params() for m in (self.coarse_memory, self.fine_memory)]
                 similarity = (self.coarse_memory or self.fine_memory).similarity
                 with torch.autocast(f.device.type, enabled=False):

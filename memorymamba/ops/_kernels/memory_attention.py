@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from memorymamba._backend import extension
-from memorymamba.ops.memory_attention import SIMILARITIES
+from memorymamba.ops.memory_attention import SIMILARITIES, check_memory_attention_args
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Tensor = torch.Tensor
@@ -120,8 +120,6 @@ def _net_args(net, D, name):
         return [None] * _NET_ARGS
     if len(net) != _NET_ARGS:
         raise ValueError(f"{name} must be (w1, b1, w2, b2, memory), got {len(net)} items")
-    from memorymamba.ops.memory_attention import check_memory_attention_args
-
     w1, b1, w2, b2, mem = net
     probe = torch.empty(1, D, device=w1.device, dtype=torch.float32)
     check_memory_attention_args(probe, w1, b1, w2, b2, mem, "cosine")
