@@ -195,6 +195,22 @@ def test_cpu_poisoned_outputs_are_all_written(with_z):
         assert torch.equal(dz, ref[7])
 
 
+def _check_empty_batch(device):
+    """batch 0 (variable B/C, z, D, bias): empty out and grads, zero parameter grads, no launch error."""
+    inputs = make_inputs(0, 4, 9, 2, 2, 2, True, True, True, True, torch.float32, device)
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in _tensors(inputs).items()}
+    out = kernel_fn(**{**inputs, **leaves})
+    assert out.shape == (0, 4, 9)
+    out.sum().backward()  # an expanded, empty dout
+    for k, t in leaves.items():
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any(), k
+
+
+def test_cpu_empty_batch():
+    require_backend("cpu", OP)
+    _check_empty_batch("cpu")
+
+
 def test_cpu_deterministic():
     require_backend("cpu", OP)
     inputs = make_inputs(1, 6, 700, 2, 1, 1, True, True, True, True, torch.float32, "cpu")
@@ -319,3 +335,8 @@ def test_cuda_strided_and_poisoned():
     states = torch.full((b, d, -(-L // _kernels().chunk_size()), N), float("nan"), device=device)
     extension().selective_scan_fwd(*args, out, states)
     assert not out.isnan().any() and not states.isnan().any()
+
+
+@pytest.mark.gpu
+def test_cuda_empty_batch():
+    _check_empty_batch(require_backend("cuda", OP))

@@ -222,6 +222,8 @@ void selective_scan_bwd_launch(const SSBwdParams& p, cudaStream_t stream) {
 }
 
 void selective_scan_bwd_cuda(const SSBwdParams& p, c10::ScalarType dtype, int device) {
+  // batch or dim 0 is a valid empty call; a grid dimension of 0 is an invalid launch.
+  if (p.batch == 0 || p.dim == 0) return;
   check_grid(p);
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

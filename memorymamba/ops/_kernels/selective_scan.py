@@ -88,8 +88,12 @@ def selective_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     dD = torch.zeros(D.shape, **f32) if D is not None else None
     ddb = torch.zeros(delta_bias.shape, **f32) if delta_bias is not None else None
     dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
-    _ext().selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, dout,
-                              du, ddelta, dA, dB, dC, dD, ddb, dz)
+    # Empty u (batch or dim 0): every grad is empty or zero already. Skipping the call also avoids
+    # the CPU backward's per-(batch, group) split (it divides by batch * G) and an empty dout whose
+    # stride(-1) is 0 (.contiguous() keeps it), which the extension's checks reject.
+    if u.numel() > 0:
+        _ext().selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, dout,
+                                  du, ddelta, dA, dB, dC, dD, ddb, dz)
     return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype),
             dD if dD is not None else _empty(u, torch.float32),
             ddb if ddb is not None else _empty(u, torch.float32),
