@@ -242,8 +242,15 @@ __global__ void __launch_bounds__(KT::kReduceThreads) bwd_reduce_kernel(const Bw
 }
 
 void set_smem(const void* kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  if (bytes <= 48 * 1024) return;
+  // Above the opt-in maximum (227 KB on H100) cudaFuncSetAttribute fails with a bare "invalid
+  // argument"; say which sizes ask for the shared scratch instead.
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  MM_CHECK(bytes <= size_t(optin), "memory_attention (CUDA): the per-sample scratch (4*dim + 2*hidden + 3*cells floats) "
+           "needs ", bytes, " bytes of shared memory, over this GPU's ", optin, " per block");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
 }  // namespace
