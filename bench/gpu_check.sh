@@ -129,7 +129,11 @@ if [ -n "${MEMORYMAMBA_GPU_TESTS:-}" ]; then
 else
     TEST_ARGS=(tests --ignore=tests/test_bench.py -k "cuda or gpu")
 fi
-step tests 130 "$OUT/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider --timeout=120 "${TEST_ARGS[@]}"
+# The loop references make the selection slow on one process (~40 s for selective_scan alone on the
+# CPU stand-in); xdist (on the device image) spreads it over 4 workers, few enough CUDA contexts.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+step tests 150 "$OUT/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider --timeout=120 "${XDIST[@]}" "${TEST_ARGS[@]}"
 
 # --- benchmarks ----------------------------------------------------------------------------------
 if [ "$DRY" -eq 1 ]; then
