@@ -55,6 +55,21 @@ def test_named_config_values():
     assert op.conv2d.bias is None and op.in_proj.bias is None
 
 
+def test_conv_norm():
+    # VMamba configs keep ln2d (their checkpoints load); "bn" swaps exactly the norms after strided convs.
+    assert [model_config(n)["conv_norm"] for n in ("memorymamba_tiny", "memorymamba_small", "memorymamba_base")] == [
+        "ln2d"] * 3
+    assert model_config("memorymamba_nano")["conv_norm"] == "bn"
+    ln = memorymamba.create_model("memorymamba_nano", conv_norm="ln2d")
+    bn = memorymamba.create_model("memorymamba_nano")
+    conv_norms = [bn.patch_embed[2], bn.patch_embed[7]] + [s.downsample[3] for s in bn.layers[:-1]]
+    assert all(type(m) is nn.BatchNorm2d for m in conv_norms)
+    assert sum(type(m) is nn.BatchNorm2d for m in bn.modules()) == len(conv_norms) == 5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in ln.modules())
+    assert names(bn) == names(ln)  # same parameter names; BN adds running-stat buffers only
+    bn(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
 @pytest.mark.parametrize("name", ["memorymamba_nano", "memorymamba_tiny", "memorymamba_small", "memorymamba_base"])
 def test_forward_backward_small_resolution(name):
     # Reduced depths keep the CPU time down; widths and every layer type are the config's own.
@@ -224,6 +239,7 @@ def test_in_chans_and_backend():
     (dict(fine_memory_size=2.5), r"fine_memory_size must be an integer in \[1, 1024\]"),
     (dict(similarity="dot"), "similarity must be one of"),
     (dict(backend="gpu"), "backend must be one of"),
+    (dict(conv_norm="gn"), "conv_norm must be one of"),
 ])
 def test_bad_overrides_name_the_argument(overrides, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
