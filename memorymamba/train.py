@@ -227,6 +227,19 @@ def _log(d: Dist, msg: str):
         print(msg, flush=True)
 
 
+def auto_threads() -> int:
+    """Torch's default thread count, less the cores other processes keep busy (1-min load average).
+
+    OpenMP threads spin while they wait for each other: on the 2-core dev box, 2 threads beside
+    busy processes made a nano epoch 10-20x slower than 1 thread did, while on an idle box 2
+    threads are ~1.5x faster than 1. torchrun's ranks on one machine split the idle cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = round(cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks share the cores
+    return max(1, min(torch.get_num_threads(), idle // max(local_ranks, 1)))
+
+
 def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
     """Train per `cfg` (or continue the run `resume`: a run folder or last.pt); returns the report
     dict (also written to report.json). Raises ConfigError / DataError / RunError on bad input."""
@@ -238,8 +251,11 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
             raise RunError(f"run {os.path.dirname(ckpt['path'])} already finished ({ckpt['epoch']}/{cfg.epochs} "
                            f"epochs); nothing to resume -- start a new run instead")
     cfg = cfg or config_mod.resolve()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or auto_threads()
+    torch.set_num_threads(threads)
+    if threads != cfg.threads:
+        print(f"torch CPU threads: {threads} (threads=0: the idle cores, 1-min load average "
+              f"{os.getloadavg()[0]:.1f}; set --threads to choose)", flush=True)
     d = Dist(cfg.device)
     try:
         return _train(cfg, ckpt, d)

@@ -1,4 +1,5 @@
 """Synthetic generator, dataset layouts, audit, splits and image loading (tiny fake datasets)."""
+import dataclasses
 import os
 import warnings
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 from memorymamba.data import (DataError, SyntheticSpec, audit, detect_format, discover, format_audit, load_split,
                               make_splits, stratified_split, subsample_train)
+from memorymamba.data import synthetic
 from memorymamba.data.synthetic import CLASSES, draw, generate_arrays
 
 
@@ -38,19 +40,37 @@ def test_synthetic_deterministic_and_distinct():
     assert np.bincount(la).tolist() == [3] * 6
 
 
+def test_write_tree_parallel_equals_sequential(tmp_path, monkeypatch):
+    spec = SyntheticSpec(train_per_class=2, val_per_class=1, test_per_class=1, image_size=24, seed=3)
+    par = synthetic.write_tree(spec, str(tmp_path / "par"))
+    monkeypatch.setattr(synthetic, "_workers", lambda jobs: 1)
+    seq = synthetic.write_tree(spec, str(tmp_path / "seq"))
+    files = sorted(os.path.relpath(os.path.join(d, f), seq) for d, _, fs in os.walk(seq) for f in fs)
+    assert len(files) == 6 * 4 + 1 and "train/crazing/crazing_0002.png" in files
+    assert sorted(os.path.relpath(os.path.join(d, f), par) for d, _, fs in os.walk(par) for f in fs) == files
+    for f in files:
+        with open(os.path.join(seq, f), "rb") as a, open(os.path.join(par, f), "rb") as b:
+            assert a.read() == b.read(), f
+    x, _ = generate_arrays(spec, "val")  # the same pixels as the in-memory generator
+    assert np.array_equal(np.array(Image.open(os.path.join(par, "val", CLASSES[1], f"{CLASSES[1]}_0001.png"))), x[1])
+
+
 def test_global_statistics_do_not_reveal_the_class():
     """A logistic regression on mean, std and a 16-bin histogram must stay under 60% on the default
-    split (test split, default spec); shape, not intensity, carries the class."""
+    test split; shape, not intensity, carries the class. It is fitted on the first 300 images per
+    class of the default train split (every image has its own seed, so a smaller spec draws exactly
+    those): 18 features need no more, and drawing all of them would double the test's time."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     spec = SyntheticSpec()
+    train_spec = dataclasses.replace(spec, train_per_class=min(spec.train_per_class, 300))
 
     def feats(x):
         x = x.reshape(len(x), -1).astype(np.float64) / 255
         h = np.stack([np.histogram(r, bins=16, range=(0, 1))[0] / r.size for r in x])
         return np.concatenate([x.mean(1, keepdims=True), x.std(1, keepdims=True), h], 1)
 
-    xtr, ytr = generate_arrays(spec, "train")
+    xtr, ytr = generate_arrays(train_spec, "train")
     xte, yte = generate_arrays(spec, "test")
     sc = StandardScaler().fit(feats(xtr))
     clf = LogisticRegression(max_iter=3000).fit(sc.transform(feats(xtr)), ytr)

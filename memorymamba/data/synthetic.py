@@ -17,8 +17,10 @@ $MEMORYMAMBA_CACHE or ~/.cache/memorymamba, keyed by every generator parameter.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -209,25 +211,47 @@ def generate_arrays(spec: SyntheticSpec, split: str) -> tuple[np.ndarray, np.nda
     return np.stack(images), np.asarray(labels, np.int64)
 
 
+def _write_class(spec: SyntheticSpec, split: str, label: int, folder: str) -> None:
+    """Draw and save the images of one (split, class) as <class>_<i>.png, i from 1 (a worker's job)."""
+    from PIL import Image
+
+    count = {"train": spec.train_per_class, "val": spec.val_per_class, "test": spec.test_per_class}[split]
+    split_id = {"train": 0, "val": 1, "test": 2}[split]
+    name = CLASSES[label]
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        img = draw(np.random.default_rng([spec.seed, split_id, label, i]), label, spec.image_size)
+        Image.fromarray(img, mode="L").save(os.path.join(folder, f"{name}_{i + 1:04d}.png"))
+
+
+def _workers(jobs: int) -> int:
+    return max(1, min(jobs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def write_tree(spec: SyntheticSpec, root: str, replace: bool = True) -> str:
     """Write train/val/test/<class>/<class>_<i>.png under `root`, built in a temp folder and renamed
     into place, so readers never see a half-written tree. With replace=False an existing `root`
-    (another process won the race) is kept. Returns root."""
-    from PIL import Image
+    (another process won the race) is kept. Returns root.
 
+    The (split, class) folders are drawn in parallel, one process per usable core: every image has
+    its own seed, so the result does not depend on the number of processes.
+    """
     parent = os.path.dirname(os.path.abspath(root)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".gen-", dir=parent)
     try:
-        for split in ("train", "val", "test"):
-            images, labels = generate_arrays(spec, split)
-            seen = {}
-            for img, label in zip(images, labels):
-                name = CLASSES[label]
-                folder = os.path.join(tmp, split, name)
-                os.makedirs(folder, exist_ok=True)
-                k = seen[name] = seen.get(name, 0) + 1
-                Image.fromarray(img, mode="L").save(os.path.join(folder, f"{name}_{k:04d}.png"))
+        jobs = [(spec, split, label, os.path.join(tmp, split, CLASSES[label]))
+                for split in ("train", "val", "test") for label in range(len(CLASSES))]
+        workers = _workers(len(jobs))
+        if workers == 1:
+            for job in jobs:
+                _write_class(*job)
+        else:
+            # spawn, not fork: the parent may hold torch's OpenMP threads, which a forked child inherits broken.
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                for f in [pool.submit(_write_class, *job) for job in jobs]:
+                    f.result()
         with open(os.path.join(tmp, "synthetic.json"), "w") as f:
             json.dump({**asdict(spec), "version": GENERATOR_VERSION, "classes": list(CLASSES)}, f, indent=2)
         if replace and os.path.exists(root):
