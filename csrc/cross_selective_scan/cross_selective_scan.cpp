@@ -10,8 +10,11 @@
 // Each task splits its work into vectorisable per-position loops (spatial order, one channel at a
 // time) and the recurrences, run for kLanes channels at once (one SIMD register), which walk the
 // direction's index map through a precomputed permutation.
-// Instantiations: fwd_cpu/bwd_cpu x 3 input dtypes; the 6 per-position/scan helpers are dtype-free
-// and cloned 3x (AVX-512, AVX2+FMA, baseline).
+// The kernels read x before the block's activation and make u = act(x + shift) wherever they load
+// it (load_u); the x_proj GEMM (proj_cpu) and the activation's backward with d(x_proj_weight)
+// (act_bwd_cpu) do the same from row / tile buffers, so u never exists as a tensor.
+// Instantiations: fwd_cpu/bwd_cpu/proj_cpu/act_bwd_cpu x 3 input dtypes; the 9 per-position/scan
+// helpers are dtype-free and cloned 3x (AVX-512, AVX2+FMA, baseline).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -38,6 +41,8 @@ namespace css {
 // Defined in cross_selective_scan_cuda.cu.
 void fwd_cuda(FwdParams& p, at::ScalarType dtype);
 void bwd_cuda(BwdParams& p, at::ScalarType dtype);
+void proj_cuda(ProjParams& p, at::ScalarType dtype);
+void act_bwd_cuda(ActBwdParams& p, at::ScalarType dtype);
 int cuda_segment_len();
 #endif
 
@@ -207,13 +212,136 @@ void load_row(const T* x, int64_t hs, int64_t ws, int H, int W, float* out) {
     for (int w = 0; w < W; ++w) out[int64_t(h) * W + w] = static_cast<float>(x[h * hs + w * ws]);
 }
 
+// row = act(row + shift) in place. The silu branch is outside the loop so that the loop vectorises.
+CSS_VEC void activate(float* __restrict__ row, int64_t n, float shift, bool silu) {
+  if (silu) {
+    for (int64_t i = 0; i < n; ++i) row[i] = css_act(row[i] + shift, true);
+  } else {
+    for (int64_t i = 0; i < n; ++i) row[i] = row[i] + shift;
+  }
+}
+
+float shift_of(const ActParams& p, int64_t b, int d) { return p.shift ? p.shift[b * p.dim + d] : 0.f; }
+
+// u of channel d of batch b in spatial order (L floats): x loaded, shifted and activated.
+template <typename T>
+void load_u(const ActParams& p, int64_t b, int d, float* out) {
+  const T* x = static_cast<const T*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
+  load_row(x, p.x_h_stride, p.x_w_stride, p.height, p.width, out);
+  activate(out, p.seqlen, shift_of(p, b, d), p.silu);
+}
+
+// ---- x_proj: x_dbl = w u (+ bias) with u made on the fly ----------------------------------------
+
+// Positions per register tile of the projection: 4 rows x 16 positions of accumulators fill 8 AVX2
+// (4 AVX-512) registers; rows come in multiples of 4 (one block per direction).
+constexpr int kProjTile = 16;
+constexpr int kProjRows = 4;
+// Positions per parallel task (a multiple of kProjTile): enough work per task to hide the
+// scheduling, small enough that B = 1 still splits over the threads.
+constexpr int64_t kProjTaskLen = 256;
+
+// out[c * ld + j] = bias[c] + sum_d w[c, d] u[d, j] for j < n; u is (D, kProjTile), zero-padded.
+// The sum over d runs in order (deterministic, independent of the tiling of positions).
+CSS_VEC void proj_tile(const float* __restrict__ w, const float* __restrict__ bias,
+                       const float* __restrict__ u, int rows, int D, int n, float* __restrict__ out,
+                       int64_t ld) {
+  for (int c0 = 0; c0 < rows; c0 += kProjRows) {
+    float acc[kProjRows][kProjTile];
+    for (int i = 0; i < kProjRows; ++i)
+      for (int j = 0; j < kProjTile; ++j) acc[i][j] = bias ? bias[c0 + i] : 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float* __restrict__ ud = u + int64_t(d) * kProjTile;
+      for (int i = 0; i < kProjRows; ++i) {
+        const float wi = w[int64_t(c0 + i) * D + d];
+        for (int j = 0; j < kProjTile; ++j) acc[i][j] += wi * ud[j];
+      }
+    }
+    for (int i = 0; i < kProjRows; ++i)
+      for (int j = 0; j < n; ++j) out[(c0 + i) * ld + j] = acc[i][j];
+  }
+}
+
+// Tasks: (batch, span of kProjTaskLen positions); each writes its own columns of x_dbl, so no
+// reduction crosses tasks. Per register tile, u of all D channels (D x kProjTile floats) is built
+// from x in a small buffer.
+template <typename T>
+void proj_cpu(const ProjParams& p) {
+  const int D = p.dim, W = p.width;
+  const int64_t L = p.seqlen, spans = (L + kProjTaskLen - 1) / kProjTaskLen;
+  const T* x = static_cast<const T*>(p.x);
+  at::parallel_for(0, int64_t(p.batch) * spans, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(int64_t(D) * kProjTile);
+    int64_t off[kProjTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / spans, l_end = std::min(L, (task % spans + 1) * kProjTaskLen);
+      const T* xb = x + b * p.x_batch_stride;
+      for (int64_t l0 = (task % spans) * kProjTaskLen; l0 < l_end; l0 += kProjTile) {
+        const int n = int(std::min<int64_t>(kProjTile, l_end - l0));
+        for (int j = 0; j < n; ++j) {
+          const int64_t h = (l0 + j) / W, w = (l0 + j) - h * W;
+          off[j] = h * p.x_h_stride + w * p.x_w_stride;
+        }
+        for (int d = 0; d < D; ++d) {
+          float* ud = u.data() + int64_t(d) * kProjTile;
+          const T* xd = xb + d * p.x_dim_stride;
+          for (int j = 0; j < n; ++j) ud[j] = static_cast<float>(xd[off[j]]);
+          for (int j = n; j < kProjTile; ++j) ud[j] = 0.f;
+          activate(ud, n, shift_of(p, b, d), p.silu);
+        }
+        proj_tile(p.w, p.w_bias, u.data(), p.rows, D, n, p.xdbl + b * p.rows * L + l0, L);
+      }
+    }
+  });
+}
+
+// dx, dshift and the per-batch d(x_proj_weight) of one (batch, channel) row: u and act' are
+// recomputed from x in row buffers. z: x + shift in; g: scratch; both L floats.
+CSS_VEC void act_bwd_row(const float* __restrict__ du, const float* __restrict__ dxdbl, int rows, int64_t L,
+                         bool silu, float* __restrict__ z, float* __restrict__ g, float* __restrict__ dw,
+                         int64_t dw_stride) {
+  if (silu) {
+    for (int64_t l = 0; l < L; ++l) {
+      g[l] = css_act_grad(z[l], true) * du[l];
+      z[l] = css_act(z[l], true);
+    }
+  } else {
+    for (int64_t l = 0; l < L; ++l) g[l] = du[l];
+  }
+  for (int c = 0; c < rows; ++c) dw[c * dw_stride] = dot(dxdbl + c * L, z, L);
+}
+
+// Tasks: (batch, channel) rows; each writes its own dx row, dshift element and dw_part column,
+// every sum in a fixed order, so the result does not depend on the thread count.
+template <typename T>
+void act_bwd_cpu(const ActBwdParams& p) {
+  const int D = p.dim;
+  const int64_t L = p.seqlen;
+  at::parallel_for(0, int64_t(p.batch) * D, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(3 * L);
+    float *z = buf.data(), *g = z + L, *ones = g + L;
+    std::fill(ones, ones + L, 1.f);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / D;
+      const int d = int(row % D);
+      const T* x = static_cast<const T*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
+      load_row(x, p.x_h_stride, p.x_w_stride, p.height, p.width, z);
+      activate(z, L, shift_of(p, b, d), false);
+      act_bwd_row(p.du + row * L, p.dxdbl + b * p.rows * L, p.rows, L, p.silu, z, g,
+                  p.dw_part + b * p.rows * D + d, D);
+      T* dx = static_cast<T*>(p.dx) + row * L;
+      for (int64_t l = 0; l < L; ++l) dx[l] = static_cast<T>(g[l]);
+      if (p.dshift) p.dshift[row] = dot(g, ones, L);
+    }
+  });
+}
+
 template <typename T>
 void fwd_cpu(const FwdParams& p) {
   const int D = p.dim, R = p.dt_rank, N = p.dstate, H = p.height, W = p.width;
   const int64_t L = p.seqlen, C = R + 2 * N;
   const int64_t groups = (D + kLanes - 1) / kLanes;
   const std::vector<int32_t> perm = direction_permutations(H, W);
-  const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   at::parallel_for(0, int64_t(p.batch) * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(2 * kLanes * L + 2 * L + 4 * kLanes * L * N);
@@ -225,7 +353,7 @@ void fwd_cpu(const FwdParams& p) {
       for (int j = 0; j < lanes; ++j) {
         const int d = d0 + j;
         float* uj = u + j * L;
-        load_row(x + b * p.x_batch_stride + d * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W, uj);
+        load_u<T>(p, b, d, uj);
         float Dsum = 0.f;
         for (int k = 0; k < kDirections; ++k) Dsum += p.Ds[k * D + d];
         for (int64_t l = 0; l < L; ++l) yacc[j * L + l] = Dsum * uj[l];
@@ -260,7 +388,6 @@ void bwd_cpu(const BwdParams& p) {
   const int D = p.dim, R = p.dt_rank, N = p.dstate, H = p.height, W = p.width;
   const int64_t L = p.seqlen, C = R + 2 * N;
   const std::vector<int32_t> perm = direction_permutations(H, W);
-  const T* x = static_cast<const T*>(p.x);
   at::parallel_for(0, int64_t(p.batch) * kCpuChannelChunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(4 * kLanes * L + 3 * L + 5 * kLanes * L * N);
     float *u = buf.data(), *g_il = u + kLanes * L, *dt = g_il + kLanes * L, *delta = dt + kLanes * L;
@@ -283,8 +410,7 @@ void bwd_cpu(const BwdParams& p) {
           const float* g = p.dy + (b * D + d0 + j) * L;
           for (int64_t l = 0; l < L; ++l) g_il[l * kLanes + j] = g[l];
           std::fill(p.du + (b * D + d0 + j) * L, p.du + (b * D + d0 + j + 1) * L, 0.f);
-          load_row(x + b * p.x_batch_stride + (d0 + j) * p.x_dim_stride, p.x_h_stride, p.x_w_stride, H, W,
-                   u + j * L);
+          load_u<T>(p, b, d0 + j, u + j * L);
         }
         for (int k = 0; k < kDirections; ++k) {
           const float* xd = p.xdbl + (b * kDirections + k) * C * L;
@@ -337,15 +463,34 @@ void check_tensor(const at::Tensor& t, const char* name, std::vector<int64_t> sh
   if (need_contiguous) MM_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-FwdParams make_fwd_params(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w,
-                          const at::Tensor& dt_b, const at::Tensor& A_logs, const at::Tensor& Ds,
-                          bool delta_softplus) {
+// x (any strides) and the optional shift, checked; the fields every kernel of the op shares.
+ActParams make_act_params(const at::Tensor& x, const c10::optional<at::Tensor>& shift, bool silu) {
   MM_CHECK(x.dim() == 4, "x must have shape (batch, dim, height, width), got ", shape_str(x.sizes()));
   MM_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
            "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   const int64_t B = x.size(0), D = x.size(1), H = x.size(2), W = x.size(3);
   MM_CHECK(B >= 1 && D >= 1 && H >= 1 && W >= 1, "x must have no empty dimension, got ", shape_str(x.sizes()));
   MM_CHECK(H * W <= INT32_MAX, "height*width must fit in int32, got ", H * W);
+  ActParams p{};
+  p.batch = int(B); p.dim = int(D); p.height = int(H); p.width = int(W); p.seqlen = int(H * W);
+  p.silu = silu;
+  p.x_batch_stride = x.stride(0); p.x_dim_stride = x.stride(1);
+  p.x_h_stride = x.stride(2); p.x_w_stride = x.stride(3);
+  p.x = x.data_ptr();
+  p.shift = nullptr;
+  if (shift.has_value() && shift->defined()) {
+    check_tensor(*shift, "x_shift", {B, D}, x.device(), true, true, "(batch, dim)");
+    p.shift = shift->data_ptr<float>();
+  }
+  return p;
+}
+
+FwdParams make_fwd_params(const at::Tensor& x, const c10::optional<at::Tensor>& shift, bool silu,
+                          const at::Tensor& xdbl, const at::Tensor& dt_w, const at::Tensor& dt_b,
+                          const at::Tensor& A_logs, const at::Tensor& Ds, bool delta_softplus) {
+  FwdParams p{};
+  static_cast<ActParams&>(p) = make_act_params(x, shift, silu);
+  const int64_t B = p.batch, D = p.dim;
   MM_CHECK(dt_w.dim() == 3, "dt_projs_weight must have shape (4, dim, dt_rank), got ", shape_str(dt_w.sizes()));
   const int64_t R = dt_w.size(2);
   MM_CHECK(R >= 1 && R <= kMaxDtRank, "dt_rank must be in [1, ", kMaxDtRank, "], got ", R);
@@ -354,28 +499,26 @@ FwdParams make_fwd_params(const at::Tensor& x, const at::Tensor& xdbl, const at:
   MM_CHECK(N >= 1 && N <= kMaxDState, "d_state (A_logs.shape[1]) must be in [1, ", kMaxDState,
            "] for the fused kernel, got ", N);
   const auto dev = x.device();
-  check_tensor(xdbl, "x_dbl", {B, kDirections, R + 2 * N, H * W}, dev, true, true,
+  check_tensor(xdbl, "x_dbl", {B, kDirections, R + 2 * N, p.seqlen}, dev, true, true,
                "(batch, 4, dt_rank + 2*d_state, height*width)");
   check_tensor(dt_w, "dt_projs_weight", {kDirections, D, R}, dev, true, true, "(4, dim, dt_rank)");
   check_tensor(dt_b, "dt_projs_bias", {kDirections, D}, dev, true, true, "(4, dim)");
   check_tensor(A_logs, "A_logs", {kDirections * D, N}, dev, true, true, "(4*dim, d_state)");
   check_tensor(Ds, "Ds", {kDirections * D}, dev, true, true, "(4*dim,)");
-  FwdParams p{};
-  p.batch = int(B); p.dim = int(D); p.height = int(H); p.width = int(W);
-  p.seqlen = int(H * W); p.dstate = int(N); p.dt_rank = int(R);
+  p.dstate = int(N); p.dt_rank = int(R);
   p.delta_softplus = delta_softplus;
-  p.x_batch_stride = x.stride(0); p.x_dim_stride = x.stride(1);
-  p.x_h_stride = x.stride(2); p.x_w_stride = x.stride(3);
-  p.x = x.data_ptr(); p.xdbl = xdbl.data_ptr<float>();
+  p.xdbl = xdbl.data_ptr<float>();
   p.dt_w = dt_w.data_ptr<float>(); p.dt_b = dt_b.data_ptr<float>();
   p.A_logs = A_logs.data_ptr<float>(); p.Ds = Ds.data_ptr<float>();
   return p;
 }
 
 // y: CPU (B, D, H, W) in x's dtype; CUDA (B, D, H, W) fp32 (the four directions accumulate in it).
+// u = act(x + x_shift) is made from x inside (ActParams).
 void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, const at::Tensor& dt_b,
-         const at::Tensor& A_logs, const at::Tensor& Ds, at::Tensor& y, bool delta_softplus) {
-  FwdParams p = make_fwd_params(x, xdbl, dt_w, dt_b, A_logs, Ds, delta_softplus);
+         const at::Tensor& A_logs, const at::Tensor& Ds, at::Tensor& y, bool delta_softplus,
+         const c10::optional<at::Tensor>& shift, bool silu) {
+  FwdParams p = make_fwd_params(x, shift, silu, xdbl, dt_w, dt_b, A_logs, Ds, delta_softplus);
   const bool cuda = x.is_cuda();
   check_tensor(y, "y", {p.batch, p.dim, p.height, p.width}, x.device(), cuda, true, "(batch, dim, height, width)");
   if (!cuda) MM_CHECK(y.scalar_type() == x.scalar_type(), "y must have x's dtype ", x.scalar_type(), ", got ", y.scalar_type());
@@ -394,7 +537,8 @@ void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
 }
 
 // Outputs (fp32, allocated by the caller, fully overwritten):
-//   du: (B, D, L), the scan's part of dx (the x_proj GEMM's part is the caller's)
+//   du: (B, D, L), the scan's part of dL/du (the x_proj GEMM's part and the activation's backward
+//       are the caller's)
 //   dxdbl: CUDA (B, 4, R+2N, L) (zero-filled by the caller unless deterministic); CPU
 //          (B, kCpuChannelChunks, 4, R+2N, L) per channel chunk
 //   dxdbl_part: CUDA deterministic mode (B, 4, D, 1+2N, L), else undefined
@@ -404,9 +548,10 @@ void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
          const at::Tensor& A_logs, const at::Tensor& Ds, const at::Tensor& dy, at::Tensor& du,
          at::Tensor& dxdbl, const c10::optional<at::Tensor>& dxdbl_part, at::Tensor& ddt_w_part,
          at::Tensor& ddt_b_part, at::Tensor& dA_logs_part, at::Tensor& dDs_part,
-         const c10::optional<at::Tensor>& seg_states, bool delta_softplus) {
+         const c10::optional<at::Tensor>& seg_states, bool delta_softplus, const c10::optional<at::Tensor>& shift,
+         bool silu) {
   BwdParams p{};
-  static_cast<FwdParams&>(p) = make_fwd_params(x, xdbl, dt_w, dt_b, A_logs, Ds, delta_softplus);
+  static_cast<FwdParams&>(p) = make_fwd_params(x, shift, silu, xdbl, dt_w, dt_b, A_logs, Ds, delta_softplus);
   const int64_t B = p.batch, D = p.dim, L = p.seqlen, N = p.dstate, R = p.dt_rank, K = kDirections;
   const bool cuda = x.is_cuda();
   const auto dev = x.device();
@@ -447,12 +592,91 @@ void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
                                   [&] { bwd_cpu<scalar_t>(p); });
 }
 
+// x_dbl (B, rows, L) fp32 = w (rows, D) @ act(x + x_shift) (+ w_bias (rows,)), fully overwritten.
+void proj(const at::Tensor& x, const c10::optional<at::Tensor>& shift, bool silu, const at::Tensor& w,
+          const c10::optional<at::Tensor>& w_bias, at::Tensor& xdbl) {
+  ProjParams p{};
+  static_cast<ActParams&>(p) = make_act_params(x, shift, silu);
+  const auto dev = x.device();
+  MM_CHECK(w.dim() == 2 && w.size(0) % kDirections == 0 && w.size(0) >= kDirections,
+           "x_proj weight must have shape (4*(dt_rank + 2*d_state), dim), got ", shape_str(w.sizes()));
+  const int64_t rows = w.size(0);
+  check_tensor(w, "x_proj weight", {rows, p.dim}, dev, true, true, "(4*(dt_rank + 2*d_state), dim)");
+  check_tensor(xdbl, "x_dbl", {p.batch, rows, p.seqlen}, dev, true, true, "(batch, 4*(dt_rank + 2*d_state), height*width)");
+  p.rows = int(rows);
+  p.w = w.data_ptr<float>();
+  p.w_bias = nullptr;
+  if (w_bias.has_value() && w_bias->defined()) {
+    check_tensor(*w_bias, "x_proj bias", {rows}, dev, true, true, "(4*(dt_rank + 2*d_state),)");
+    p.w_bias = w_bias->data_ptr<float>();
+  }
+  p.xdbl = xdbl.data_ptr<float>();
+  if (x.is_cuda()) {
+#ifdef MEMORYMAMBA_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    proj_cuda(p, x.scalar_type());
+    return;
+#else
+    MM_CHECK(false, "memorymamba._C was built without CUDA kernels; x is on ", x.device());
+#endif
+  }
+  MM_DISPATCH_FLOAT_TYPES(x.scalar_type(), scalar_t, "cross_selective_scan_proj: x", [&] { proj_cpu<scalar_t>(p); });
+}
+
+// The activation's backward, given du = dL/du (B, D, L) fp32. Outputs (allocated by the caller, fully
+// overwritten): dx (B, D, H, W) contiguous in x's dtype; dshift (B, D) fp32 when given. CPU also
+// takes dxdbl (B, rows, L) and writes dw_part (B, rows, D), the per-batch d(x_proj weight) with u
+// recomputed in row buffers; CUDA writes u (B, D, L) fp32 instead, for the caller's GEMM.
+void act_bwd(const at::Tensor& x, const c10::optional<at::Tensor>& shift, bool silu, const at::Tensor& du,
+             at::Tensor& dx, const c10::optional<at::Tensor>& dshift, const c10::optional<at::Tensor>& dxdbl,
+             const c10::optional<at::Tensor>& dw_part, const c10::optional<at::Tensor>& u) {
+  ActBwdParams p{};
+  static_cast<ActParams&>(p) = make_act_params(x, shift, silu);
+  const auto dev = x.device();
+  const int64_t B = p.batch, D = p.dim, L = p.seqlen;
+  check_tensor(du, "du", {B, D, L}, dev, true, true, "(batch, dim, height*width)");
+  check_tensor(dx, "dx", {B, D, p.height, p.width}, dev, false, true, "(batch, dim, height, width)");
+  MM_CHECK(dx.scalar_type() == x.scalar_type(), "dx must have x's dtype ", x.scalar_type(), ", got ", dx.scalar_type());
+  p.du = du.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.dshift = nullptr;
+  if (dshift.has_value() && dshift->defined()) {
+    check_tensor(*dshift, "dshift", {B, D}, dev, true, true, "(batch, dim)");
+    p.dshift = dshift->data_ptr<float>();
+  }
+  p.dxdbl = nullptr; p.dw_part = nullptr; p.u = nullptr;
+  if (x.is_cuda()) {
+#ifdef MEMORYMAMBA_WITH_CUDA
+    MM_CHECK(u.has_value() && u->defined(), "u is required on CUDA");
+    check_tensor(*u, "u", {B, D, L}, dev, true, true, "(batch, dim, height*width)");
+    p.u = u->data_ptr<float>();
+    c10::cuda::CUDAGuard guard(x.device());
+    act_bwd_cuda(p, x.scalar_type());
+    return;
+#else
+    MM_CHECK(false, "memorymamba._C was built without CUDA kernels; x is on ", x.device());
+#endif
+  }
+  MM_CHECK(dxdbl.has_value() && dxdbl->defined() && dxdbl->dim() == 3,
+           "dxdbl (batch, rows, height*width) is required on CPU");
+  const int64_t rows = dxdbl->size(1);
+  check_tensor(*dxdbl, "dxdbl", {B, rows, L}, dev, true, true, "(batch, rows, height*width)");
+  MM_CHECK(dw_part.has_value() && dw_part->defined(), "dw_part (batch, rows, dim) is required on CPU");
+  check_tensor(*dw_part, "dw_part", {B, rows, D}, dev, true, true, "(batch, rows, dim)");
+  p.rows = int(rows);
+  p.dxdbl = dxdbl->data_ptr<float>();
+  p.dw_part = dw_part->data_ptr<float>();
+  MM_DISPATCH_FLOAT_TYPES(x.scalar_type(), scalar_t, "cross_selective_scan_act_bwd: x", [&] { act_bwd_cpu<scalar_t>(p); });
+}
+
 }  // namespace
 }  // namespace css
 
 void bind_cross_selective_scan(pybind11::module_& m) {
   m.def("cross_selective_scan_fwd", &css::fwd, "fused cross-direction selective scan, forward");
   m.def("cross_selective_scan_bwd", &css::bwd, "fused cross-direction selective scan, backward");
+  m.def("cross_selective_scan_proj", &css::proj, "x_proj of all directions on u = act(x + x_shift)");
+  m.def("cross_selective_scan_act_bwd", &css::act_bwd, "backward of u = act(x + x_shift) and of x_proj's weight");
   m.attr("css_max_dstate") = css::kMaxDState;
   m.attr("css_max_dt_rank") = css::kMaxDtRank;
   m.attr("css_cpu_channel_chunks") = css::kCpuChannelChunks;
