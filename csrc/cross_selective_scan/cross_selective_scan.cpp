@@ -253,7 +253,8 @@ typedef float ProjVec __attribute__((vector_size(kProjTile * sizeof(float))));
 
 // out[c * ld + j] = bias[c] + sum_d w[c, d] u[d * ldu + j] for c < kRows, d < D, j < n (u readable
 // up to kProjTile columns). The sum over d runs in order (deterministic, independent of the tiling).
-// Also the backward's d(x_proj_weight) GEMM, with D the positions and u transposed.
+// Also the backward's d(x_proj_weight) GEMM, with D the positions and u transposed. MM_HD forces the
+// inlining, so every target clone of proj_span gets its own vector code.
 template <int kRows>
 MM_HD void proj_rows(const float* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ u,
                      int64_t ldu, int D, int n, float* __restrict__ out, int64_t ld) {
@@ -660,8 +661,8 @@ void proj(const at::Tensor& x, const c10::optional<at::Tensor>& shift, bool silu
 
 // The activation's backward, given du = dL/du (B, D, L) fp32. Outputs (allocated by the caller, fully
 // overwritten): dx (B, D, H, W) contiguous in x's dtype; dshift (B, D) fp32 when given. CPU also
-// takes dxdbl (B, rows, L) and writes dw_part (B, rows, D), the per-batch d(x_proj weight) with u
-// recomputed in row buffers; CUDA writes u (B, D, L) fp32 instead, for the caller's GEMM.
+// takes dxdbl (B, rows, L) and writes dw_part (B, rows, D), the per-batch d(x_proj weight), with u
+// recomputed in per-task buffers; CUDA writes u (B, D, L) fp32 instead, for the caller's GEMM.
 void act_bwd(const at::Tensor& x, const c10::optional<at::Tensor>& shift, bool silu, const at::Tensor& du,
              at::Tensor& dx, const c10::optional<at::Tensor>& dshift, const c10::optional<at::Tensor>& dxdbl,
              const c10::optional<at::Tensor>& dw_part, const c10::optional<at::Tensor>& u) {

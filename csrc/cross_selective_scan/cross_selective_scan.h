@@ -45,7 +45,7 @@ struct ActBwdParams : ActParams {
   const float* __restrict__ du;        // (B, D, L)
   void* __restrict__ dx;               // (B, D, H, W) contiguous, input dtype
   float* __restrict__ dshift;          // (B, D) or nullptr
-  // CPU: d(x_proj_weight) per batch from u rows recomputed in a buffer.
+  // CPU: d(x_proj_weight) per batch, u recomputed in per-task buffers.
   const float* __restrict__ dxdbl;     // (B, rows, L)
   float* __restrict__ dw_part;         // (B, rows, D)
   // CUDA: u written out for the caller's d(x_proj_weight) GEMM.
