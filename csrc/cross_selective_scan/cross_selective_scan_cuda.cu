@@ -368,6 +368,9 @@ __global__ __launch_bounds__(ProjTraits::kNThreads) void proj_kernel(ProjParams 
   const int pos = threadIdx.x % PT::kPositions, group = threadIdx.x / PT::kPositions;
   const int l = blockIdx.x * PT::kPositions + pos;
   const bool in_range = l < p.seqlen;
+  // The thread's position is fixed: its offset in x is computed once, not per channel.
+  const int lc = in_range ? l : 0, h = lc / p.width, w = lc - h * p.width;
+  const T* x = static_cast<const T*>(p.x) + int64_t(b) * p.x_batch_stride + h * p.x_h_stride + w * p.x_w_stride;
   float acc[PT::kRowsPerThread];
 #pragma unroll
   for (int i = 0; i < PT::kRowsPerThread; ++i) acc[i] = 0.f;
@@ -375,7 +378,8 @@ __global__ __launch_bounds__(ProjTraits::kNThreads) void proj_kernel(ProjParams 
 #pragma unroll
     for (int i = 0; i < PT::kULoads; ++i) {
       const int dd = group + i * PT::kGroups, d = d0 + dd;
-      us[dd][pos] = (in_range && d < p.dim) ? css_act(load_x<T>(p, b, d, l) + shift_of(p, b, d), p.silu) : 0.f;
+      us[dd][pos] = (in_range && d < p.dim)
+                        ? css_act(static_cast<float>(x[d * p.x_dim_stride]) + shift_of(p, b, d), p.silu) : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < PT::kWLoads; ++i) {
