@@ -1,6 +1,11 @@
 """cross_selective_scan (VMamba's SS2D core): the fused kernel vs the unfused pipeline, the fast
 pure-PyTorch pipeline, the loop reference and mamba_ssm's scan in the unfused pipeline.
 
+Grid entries with act=True (shape key act="shift+silu") time the Mem-SSM block's memory add and SiLU:
+fused-act-<device> passes the pre-activation x, x_shift and silu=True to the op (neither F_bar nor u
+is materialised); unfused-act-<device> adds the shift and applies SiLU in PyTorch, then runs the same
+op on u. Their provider names keep these rows out of the plain rows' criteria.
+
 Parameters are fp32 (as model parameters are); x has the benchmarked dtype. The unfused pipeline is
 what VMamba's forward_corev2 does: PyTorch cross-scan, x_proj and dt_proj einsums in x's dtype (as
 autocast would run them), a selective-scan kernel, PyTorch cross-merge.
@@ -8,6 +13,7 @@ autocast would run them), a selective-scan kernel, PyTorch cross-merge.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bench import common
 from bench.harness import (Case, Provider, cross_selective_scan_bytes, scan_flops, scan_sfu_ops,
@@ -35,11 +41,8 @@ def unfused_pipeline(scan):
     return core
 
 
-def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, device: str,
-              modes=("fwd", "bwd", "fwd+bwd")) -> Case:
-    from memorymamba import ops
-
-    K, L, R = common.K_DIRECTIONS, side * side, common.dt_rank(dim)
+def _make_inputs(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, device: str, with_shift: bool):
+    K, R = common.K_DIRECTIONS, common.dt_rank(dim)
 
     def make_inputs():
         def param(*shape, scale=1.0, shift=0.0):
@@ -53,7 +56,50 @@ def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, devic
         A_logs = (torch.log(torch.arange(1, N + 1, device=device, dtype=torch.float32)).repeat(K * dim, 1)
                   + 0.1 * torch.randn(K * dim, N, device=device)).requires_grad_()
         Ds = param(K * dim, scale=0.1, shift=1.0)
-        return x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds
+        # the memory vector w (B, D): fp32 like the memory networks' output
+        extra = (param(batch, dim, scale=0.1),) if with_shift else ()
+        return (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *extra)
+    return make_inputs
+
+
+def _cost_models(batch: int, dim: int, side: int, N: int, dtype: torch.dtype) -> dict:
+    K, L, R = common.K_DIRECTIONS, side * side, common.dt_rank(dim)
+
+    def flops(mode):
+        proj = 2 * batch * L * K * dim * (R + 2 * N) + 2 * batch * L * K * dim * R
+        return scan_flops(batch, K * dim, L, N, mode) + {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * proj
+
+    return dict(bytes_fn=lambda mode: cross_selective_scan_bytes(batch, dim, L, N, R, dtype, mode),
+                flops_fn=flops, sfu_fn=lambda mode: scan_sfu_ops(batch, K * dim, L, N, mode))
+
+
+def make_act_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, device: str,
+                  modes=("fwd", "bwd", "fwd+bwd")) -> Case:
+    """The block's u = SiLU(x + w) inside the op (fused-act) vs in PyTorch before it (unfused-act)."""
+    from memorymamba import ops
+
+    def fused(x, *rest):
+        return ops.cross_selective_scan(x, *rest[:5], x_shift=rest[5], silu=True, backend=device)
+
+    def unfused(x, *rest):
+        u = F.silu(x + rest[5].to(x.dtype)[:, :, None, None])
+        return ops.cross_selective_scan(u, *rest[:5], backend=device)
+
+    why = common.backend_why_not("cross_selective_scan", device)
+    providers = [Provider(f"fused-act-{device}", fused, why),
+                 Provider(f"unfused-act-{device}", unfused, why, baseline=True)]
+    return Case(op="cross_selective_scan",
+                shape=dict(batch=batch, dim=dim, H=side, W=side, N=N, R=common.dt_rank(dim), act="shift+silu"),
+                dtype=dtype, providers=providers, make_inputs=_make_inputs(batch, dim, side, N, dtype, device, True),
+                modes=modes, **_cost_models(batch, dim, side, N, dtype))
+
+
+def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, device: str,
+              modes=("fwd", "bwd", "fwd+bwd")) -> Case:
+    from memorymamba import ops
+
+    K, L = common.K_DIRECTIONS, side * side
+    make_inputs = _make_inputs(batch, dim, side, N, dtype, device, False)
 
     providers = [Provider(f"fused-{device}",
                           lambda *a: ops.cross_selective_scan(*a, backend=device),
@@ -69,20 +115,16 @@ def make_case(batch: int, dim: int, side: int, N: int, dtype: torch.dtype, devic
         fn, why = common.mamba_ssm_scan()
         providers.append(Provider("unfused-mamba_ssm", unfused_pipeline(fn) if fn else None, why, baseline=True))
 
-    def flops(mode):
-        proj = 2 * batch * L * K * dim * (R + 2 * N) + 2 * batch * L * K * dim * R
-        return scan_flops(batch, K * dim, L, N, mode) + {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * proj
-
     return Case(
         op="cross_selective_scan",
-        shape=dict(batch=batch, dim=dim, H=side, W=side, N=N, R=R),
+        shape=dict(batch=batch, dim=dim, H=side, W=side, N=N, R=common.dt_rank(dim)),
         dtype=dtype, providers=providers, make_inputs=make_inputs, modes=modes,
-        bytes_fn=lambda mode: cross_selective_scan_bytes(batch, dim, L, N, R, dtype, mode),
-        flops_fn=flops, sfu_fn=lambda mode: scan_sfu_ops(batch, K * dim, L, N, mode),
+        **_cost_models(batch, dim, side, N, dtype),
         # what the unfused pipeline moves forward (DESIGN's ~22D + 8N per position), for comparison
         extra=dict(unfused_fwd_bytes_est=unfused_pipeline_bytes(batch, dim, L, N, dtype)))
 
 
 def case(g: dict, device: str) -> Case:
     """The case of one bench.suites grid entry."""
-    return make_case(g["batch"], g["dim"], g["side"], g["N"], g["dtype"], device, g["modes"])
+    make = make_act_case if g.get("act") else make_case
+    return make(g["batch"], g["dim"], g["side"], g["N"], g["dtype"], device, g["modes"])

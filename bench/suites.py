@@ -45,12 +45,15 @@ def _grids() -> dict[str, dict[str, list[dict]]]:
             "gpu": gpu_scan,
             "full": full_scan,
         },
+        # act=True: the block's memory add + SiLU fused into the op vs done in PyTorch first (issue 6)
         "cross_selective_scan": {
-            "quick": [quick_scan],
+            "quick": [quick_scan, dict(quick_scan, act=True)],
             "cpu": [_scan("tiny", 1, 8, 1, F32, ALL), _scan("tiny", 3, 8, 1, F32, FB),
-                    _scan("tiny", 4, 8, 1, F32, FB), dict(quick_scan, batch=1)],
+                    _scan("tiny", 4, 8, 1, F32, FB), dict(quick_scan, batch=1),
+                    dict(_scan("tiny", 1, 8, 1, F32, FB), act=True), dict(_scan("tiny", 4, 8, 1, F32, FB), act=True)],
             "gpu-check": [_scan("tiny", 1, 128, 1, BF16, ALL), _scan("tiny", 1, 128, 1, F32, FB),
-                          _scan("tiny", 3, 128, 1, BF16, FB), _scan("tiny", 1, 1, 1, BF16, ("fwd",))],
+                          _scan("tiny", 3, 128, 1, BF16, FB), _scan("tiny", 1, 1, 1, BF16, ("fwd",)),
+                          dict(_scan("tiny", 1, 128, 1, BF16, ALL), act=True)],
             "gpu": gpu_scan,
             "full": full_scan,
         },

@@ -1,6 +1,6 @@
 """The fused cross_selective_scan kernels (CPU always; CUDA when a GPU is visible) against the fp32
-reference: values, every gradient, dtypes, odd shapes, strided x, poisoned outputs, determinism,
-torch.compile. No CUDA call happens at import."""
+reference: values, every gradient (x_shift's included), the fused activation (x_shift, silu), dtypes,
+odd shapes, strided x, poisoned outputs, determinism, torch.compile. No CUDA call happens at import."""
 from __future__ import annotations
 
 import pytest
@@ -23,11 +23,19 @@ def cuda():
     require_backend("cuda", OP)
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)
-PARAM_NAMES = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds", "x_proj_bias")
+PARAM_NAMES = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds", "x_proj_bias", "x_shift")
+# The block's activation folded into the op: (x_shift given, silu).
+ACTS = [(False, False), (True, False), (False, True), (True, True)]
 
 
-def make_inputs(B, D, H, W, N, R, *, bias=True, seed=0, device="cpu"):
-    """Random SS2D core inputs with VMamba-like magnitudes (delta mostly in 0.01..1)."""
+def _act_id(act):
+    return {(False, False): "plain", (True, False): "shift", (False, True): "silu", (True, True): "shift+silu"}[act]
+
+
+def make_inputs(B, D, H, W, N, R, *, bias=True, seed=0, device="cpu", act=(False, False)):
+    """Random SS2D core inputs with VMamba-like magnitudes (delta mostly in 0.01..1). act = (x_shift
+    given, silu): with a shift, x_shift is a (B, D) fp32 memory add; the silu flag is returned in
+    "silu" for run()."""
     g = torch.Generator().manual_seed(seed)
     K, C = 4, R + 2 * N
     p = dict(
@@ -38,14 +46,18 @@ def make_inputs(B, D, H, W, N, R, *, bias=True, seed=0, device="cpu"):
         A_logs=torch.log(torch.rand(K * D, N, generator=g) * 3 + 0.5),
         Ds=torch.randn(K * D, generator=g),
         x_proj_bias=torch.randn(K, C, generator=g) * 0.1 if bias else None,
+        x_shift=torch.randn(B, D, generator=g) * 0.5 if act[0] else None,
     )
-    return {k: (v.to(device) if v is not None else None) for k, v in p.items()}
+    return {**{k: (v.to(device) if v is not None else None) for k, v in p.items()}, "silu": act[1]}
 
 
 def run(fn, inp, dy, dtype=torch.float32, x=None, **kw):
-    """y and the gradients of x and every parameter, for x cast to `dtype` (or the given x view)."""
+    """y and the gradients of x and every parameter (x_shift's too), for x cast to `dtype` (or the
+    given x view)."""
     x = (inp["x"].to(dtype) if x is None else x).detach().requires_grad_(True)
-    params = {k: inp[k].detach().clone().requires_grad_(True) for k in PARAM_NAMES if inp[k] is not None}
+    params = {k: inp[k].detach().clone().requires_grad_(True) for k in PARAM_NAMES if inp.get(k) is not None}
+    if params.get("x_shift") is not None or inp.get("silu"):
+        kw = dict(kw, x_shift=params.get("x_shift"), silu=inp.get("silu", False))
     y = fn(x, params["x_proj_weight"], params["dt_projs_weight"], params["dt_projs_bias"], params["A_logs"],
            params["Ds"], params.get("x_proj_bias"), **kw)
     y.backward(dy.to(y.dtype))
@@ -78,14 +90,31 @@ SHAPES = [  # (B, D, H, W, N, R, bias)
 ]
 
 
+@pytest.mark.parametrize("act", ACTS, ids=_act_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}D{}_{}x{}_N{}R{}_{}".format(*s[:6], "bias" if s[6] else "nobias"))
-def test_fp32_values_and_grads(shape):
+def test_fp32_values_and_grads(shape, act):
     B, D, H, W, N, R, bias = shape
-    inp = make_inputs(B, D, H, W, N, R, bias=bias, seed=hash(shape) % 1000)
+    inp = make_inputs(B, D, H, W, N, R, bias=bias, seed=hash(shape) % 1000, act=act)
     dy = torch.randn(B, D, H, W, generator=torch.Generator().manual_seed(1))
     ref = run(cross_selective_scan_ref, inp, dy)
     out = run(kernel_fn("cpu"), inp, dy)
-    assert_close_fp32(out, ref, f"cpu fp32 {shape}")
+    assert ("x_shift" in out) == act[0]
+    assert_close_fp32(out, ref, f"cpu fp32 {shape} {_act_id(act)}")
+
+
+def test_fused_activation_is_the_unfused_pipeline():
+    """x_shift and silu in the op compute the op on u = SiLU(x + x_shift) (the block's unfused path)."""
+    inp = make_inputs(2, 6, 7, 5, 2, 3, act=(True, True))
+    dy = torch.randn(2, 6, 7, 5)
+    fused = run(kernel_fn("cpu"), inp, dy)
+    x = inp["x"].detach().requires_grad_(True)
+    shift = inp["x_shift"].detach().requires_grad_(True)
+    u = torch.nn.functional.silu(x + shift[:, :, None, None])
+    y = cross_selective_scan(u, *(inp[k] for k in PARAM_NAMES[:6]), backend="cpu")
+    y.backward(dy)
+    for k, got, want in (("y", fused["y"], y.detach()), ("x", fused["x"], x.grad), ("x_shift", fused["x_shift"], shift.grad)):
+        print(f"{k}: max abs err {max_err(got, want):.3e}")
+        torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda m: f"{k}: {m}")
 
 
 def test_no_softplus():
@@ -98,8 +127,9 @@ def test_no_softplus():
     assert_close_fp32(out, ref, "cpu no-softplus")
 
 
-def test_strided_x():
-    inp = make_inputs(2, 6, 7, 9, 1, 6)
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
+def test_strided_x(act):
+    inp = make_inputs(2, 6, 7, 9, 1, 6, act=act)
     big = torch.randn(3, 13, 9, 20)
     x = big[1:, ::2, 1:8, 2:20:2]  # non-contiguous in every dim
     assert x.shape == (2, 7, 7, 9) and not x.is_contiguous()
@@ -114,9 +144,9 @@ def test_strided_x():
     assert_close_fp32(out_t, ref, "cpu transposed-strides")
 
 
-def _check_low_precision(device, dtype, shape):
+def _check_low_precision(device, dtype, shape, act=(False, False)):
     B, D, H, W, N, R = shape
-    inp = make_inputs(B, D, H, W, N, R, seed=7, device=device)
+    inp = make_inputs(B, D, H, W, N, R, seed=7, device=device, act=act)
     inp["x"] = inp["x"].to(dtype).float()  # all three runs see the same representable inputs
     dy = torch.randn(B, D, H, W, device=device).to(dtype).float()
     ref32 = run(cross_selective_scan_ref, inp, dy)
@@ -132,18 +162,20 @@ def _check_low_precision(device, dtype, shape):
         assert e_out <= bound, f"{k}: kernel error {e_out:.3e} > 2 x {dtype} reference error + fp32 floor {bound:.3e}"
 
 
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 6, 7, 5, 1, 6), (1, 5, 4, 9, 4, 1)])
-def test_low_precision(dtype, shape):
-    _check_low_precision("cpu", dtype, shape)
+def test_low_precision(dtype, shape, act):
+    _check_low_precision("cpu", dtype, shape, act)
 
 
 def _bits(out):
     return {k: v.clone() for k, v in out.items()}
 
 
-def test_deterministic_bitwise():
-    inp = make_inputs(3, 8, 11, 9, 4, 6)
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
+def test_deterministic_bitwise(act):
+    inp = make_inputs(3, 8, 11, 9, 4, 6, act=act)
     dy = torch.randn(3, 8, 11, 9)
     threads = torch.get_num_threads()
     try:
@@ -158,31 +190,64 @@ def test_deterministic_bitwise():
         assert torch.equal(a[k], c[k]), f"{k} differs between {threads} threads and 1 thread"
 
 
-def test_poisoned_outputs_are_overwritten():
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
+def test_poisoned_outputs_are_overwritten(act):
     """Call the extension directly with NaN-filled outputs: every element must be written."""
     from memorymamba._backend import extension
     C = extension()
     B, D, H, W, N, R = 2, 5, 7, 3, 2, 3
-    inp = make_inputs(B, D, H, W, N, R)
-    L, K = H * W, 4
-    x = inp["x"]
-    x_dbl = torch.einsum("kcd,bdl->bkcl", inp["x_proj_weight"], x.reshape(B, D, L)).contiguous()
+    inp = make_inputs(B, D, H, W, N, R, act=act)
+    L, K, rows = H * W, 4, 4 * (R + 2 * N)
+    x, shift, silu = inp["x"], inp["x_shift"], inp["silu"]
+    w = inp["x_proj_weight"].reshape(rows, D)
+    x_dbl = torch.full((B, rows, L), float("nan"))
+    C.cross_selective_scan_proj(x, shift, silu, w, inp["x_proj_bias"].reshape(rows), x_dbl)
+    assert not x_dbl.isnan().any(), "projection left elements of x_dbl unwritten"
+    x_dbl = x_dbl.view(B, K, R + 2 * N, L)
     args = (x, x_dbl, inp["dt_projs_weight"], inp["dt_projs_bias"], inp["A_logs"], inp["Ds"])
     y = torch.full_like(x, float("nan"))
-    C.cross_selective_scan_fwd(*args, y, True)
+    C.cross_selective_scan_fwd(*args, y, True, shift, silu)
     assert not y.isnan().any(), "forward left elements of y unwritten"
     chunks = C.css_cpu_channel_chunks
     outs = [torch.full(s, float("nan")) for s in [(B, D, L), (B, chunks, K, R + 2 * N, L), (B, K, D, R), (B, K, D),
                                                   (B, K, D, N), (B, K, D)]]
     du, dxdbl, dw, db, dA, dD = outs
-    C.cross_selective_scan_bwd(*args, torch.randn(B, D, H, W), du, dxdbl, None, dw, db, dA, dD, None, True)
+    C.cross_selective_scan_bwd(*args, torch.randn(B, D, H, W), du, dxdbl, None, dw, db, dA, dD, None, True, shift,
+                               silu)
     for name, t in zip(("du", "dxdbl", "ddt_w_part", "ddt_b_part", "dA_logs_part", "dDs_part"), outs):
         assert not t.isnan().any(), f"backward left elements of {name} unwritten"
+    act_outs = [torch.full_like(x, float("nan")), torch.full((B, D), float("nan")), torch.full((B, rows, D), float("nan"))]
+    C.cross_selective_scan_act_bwd(x, shift, silu, torch.randn(B, D, L), act_outs[0], act_outs[1],
+                                   torch.randn(B, rows, L), act_outs[2], None)
+    for name, t in zip(("dx", "dshift", "dw_part"), act_outs):
+        assert not t.isnan().any(), f"activation backward left elements of {name} unwritten"
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ACTS, ids=_act_id)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 1, 3), (1, 3, 1, 1, 2, 1), (3, 40, 19, 23, 1, 6)], ids=str)
+def test_projection_kernel(shape, act, dtype):
+    """cross_selective_scan_proj (the op's x_proj GEMM with u made on the fly; plain x on CPU uses a
+    bmm inside the op, so this is its only CPU test) against matmul on the materialised u, strided x."""
+    from memorymamba._backend import extension
+    B, D, H, W, N, R = shape
+    inp = make_inputs(B, D, H, W, N, R, act=act)
+    rows = 4 * (R + 2 * N)
+    x = torch.randn(B, D + 2, W, H).to(dtype)[:, 1:-1].transpose(2, 3)  # strided, not contiguous
+    w, bias = inp["x_proj_weight"].reshape(rows, D), inp["x_proj_bias"].reshape(rows)
+    u = x.float() + (inp["x_shift"][:, :, None, None] if act[0] else 0)
+    u = torch.nn.functional.silu(u) if act[1] else u
+    ref = torch.einsum("cd,bdl->bcl", w.double(), u.reshape(B, D, H * W).double()) + bias.double()[:, None]
+    out = torch.full((B, rows, H * W), float("nan"))
+    extension().cross_selective_scan_proj(x, inp["x_shift"], act[1], w, bias, out)
+    print(f"proj {shape} {_act_id(act)} {dtype}: max abs err {max_err(out, ref):.3e}")
+    torch.testing.assert_close(out.double(), ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
+def test_compile_fullgraph(act):
     from memorymamba.ops._kernels.cross_selective_scan import cross_selective_scan as fused
-    inp = make_inputs(2, 4, 5, 6, 1, 2)
+    inp = make_inputs(2, 4, 5, 6, 1, 2, act=act)
     dy = torch.randn(2, 4, 5, 6)
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
@@ -203,36 +268,83 @@ def test_bad_inputs_raise_named_errors():
     x = torch.randn(1, 4, 3, 3)
     with pytest.raises(RuntimeError, match=r"x_dbl must have shape \(batch, 4, dt_rank \+ 2\*d_state, height\*width\)"):
         extension().cross_selective_scan_fwd(x, torch.randn(1, 4, 4, 8), inp["dt_projs_weight"],
-                                             inp["dt_projs_bias"], inp["A_logs"], inp["Ds"], torch.empty_like(x), True)
+                                             inp["dt_projs_bias"], inp["A_logs"], inp["Ds"], torch.empty_like(x), True,
+                                             None, False)
+    with pytest.raises(RuntimeError, match=r"x_shift must have shape \(batch, dim\) = \(1, 4\), got \(1, 3\)"):
+        extension().cross_selective_scan_proj(x, torch.randn(1, 3), True, torch.randn(16, 4), None,
+                                              torch.empty(1, 16, 9))
+    with pytest.raises(RuntimeError, match="x_shift must be float32"):
+        extension().cross_selective_scan_proj(x, torch.randn(1, 4).double(), True, torch.randn(16, 4), None,
+                                              torch.empty(1, 16, 9))
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
 
+def _cpu(inp):
+    return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS, ids=_act_id)
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("shape", SHAPES[:6] + [(2, 16, 40, 37, 1, 6, True)], ids=str)
-def test_cuda_fp32(cuda, shape, deterministic):
+@pytest.mark.parametrize("shape", SHAPES[:6] + [(2, 16, 40, 37, 1, 6, True), (2, 70, 9, 8, 1, 6, True)], ids=str)
+def test_cuda_fp32(cuda, shape, deterministic, act):
+    # (2, 70, ...): D spans three smem slices of the projection kernel, the last one partial.
     B, D, H, W, N, R, bias = shape
-    inp = make_inputs(B, D, H, W, N, R, bias=bias, device="cuda")
+    inp = make_inputs(B, D, H, W, N, R, bias=bias, device="cuda", act=act)
     dy = torch.randn(B, D, H, W, device="cuda")
-    ref = run(kernel_fn("cpu"), {k: (v.cpu() if v is not None else None) for k, v in inp.items()}, dy.cpu())
+    ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
     out = run(kernel_fn("cuda", deterministic=deterministic), inp, dy)
-    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, f"cuda fp32 {shape}")
+    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, f"cuda fp32 {shape} {_act_id(act)}")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS, ids=_act_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 1, 3), (3, 40, 19, 23, 1, 6), (1, 33, 70, 3, 16, 6)], ids=str)
+def test_cuda_projection_kernel(cuda, shape, act, dtype):
+    """The CUDA x_proj kernel against the CPU one (rows > 32 and D not a multiple of 32: partial tiles)."""
+    from memorymamba._backend import extension
+    B, D, H, W, N, R = shape
+    inp = make_inputs(B, D, H, W, N, R, act=act)
+    rows = 4 * (R + 2 * N)
+    x = torch.randn(B, D + 2, W, H).to(dtype)[:, 1:-1].transpose(2, 3)
+    w, bias, shift = inp["x_proj_weight"].reshape(rows, D), inp["x_proj_bias"].reshape(rows), inp["x_shift"]
+    ref = torch.empty(B, rows, H * W)
+    extension().cross_selective_scan_proj(x, shift, act[1], w, bias, ref)
+    out = torch.full((B, rows, H * W), float("nan"), device="cuda")
+    extension().cross_selective_scan_proj(x.cuda(), shift.cuda() if shift is not None else None, act[1], w.cuda(),
+                                          bias.cuda(), out)
+    print(f"cuda proj {shape} {_act_id(act)} {dtype}: max abs err {max_err(out.cpu(), ref):.3e}")
+    torch.testing.assert_close(out.cpu(), ref, **FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_low_precision(cuda, dtype):
-    _check_low_precision("cuda", dtype, (2, 6, 7, 5, 1, 6))
+def test_cuda_low_precision(cuda, dtype, act):
+    _check_low_precision("cuda", dtype, (2, 6, 7, 5, 1, 6), act)
 
 
 @pytest.mark.gpu
-def test_cuda_long_sequence_and_determinism(cuda):
-    inp = make_inputs(2, 8, 67, 61, 4, 6, device="cuda")  # L = 4087: several segments
+@pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
+def test_cuda_long_sequence_and_determinism(cuda, act):
+    inp = make_inputs(2, 8, 67, 61, 4, 6, device="cuda", act=act)  # L = 4087: several segments
     dy = torch.randn(2, 8, 67, 61, device="cuda")
     a = _bits(run(kernel_fn("cuda", deterministic=True), inp, dy))
     b = _bits(run(kernel_fn("cuda", deterministic=True), inp, dy))
     for k in a:
         assert torch.equal(a[k], b[k]), f"cuda deterministic {k} differs between two runs"
-    ref = run(kernel_fn("cpu"), {k: (v.cpu() if v is not None else None) for k, v in inp.items()}, dy.cpu())
+    ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
     assert_close_fp32({k: v.cpu() for k, v in a.items()}, ref, "cuda long")
+
+
+@pytest.mark.gpu
+def test_cuda_strided_x_with_activation(cuda):
+    inp = make_inputs(2, 6, 7, 9, 1, 6, device="cuda", act=(True, True))
+    x = torch.randn(3, 13, 9, 20, device="cuda")[1:, ::2, 1:8, 2:20:2][:, :6]
+    inp["x"] = x.clone()
+    dy = torch.randn(2, 6, 7, 9, device="cuda")
+    ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
+    out = run(kernel_fn("cuda"), inp, dy, x=x)
+    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, "cuda strided shift+silu")

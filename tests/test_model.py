@@ -177,6 +177,49 @@ def test_memss2d_matches_hand_composition(similarity, fusion, memories):
     assert (plain(x) - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("memories", [(3, 5), (0, 0)], ids=["memory", "no-memory"])
+@pytest.mark.parametrize("act_layer", [nn.SiLU, nn.GELU], ids=["silu", "gelu"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_ss2d_compiled_backend_fuses_memory_add_and_silu(backend, act_layer, memories, monkeypatch):
+    """On a compiled backend SS2D hands f, the memory vector (x_shift) and silu=True to the scan (only
+    for SiLU); values and every gradient match the PyTorch path on the same weights."""
+    device = require_backend(backend, "cross_selective_scan")
+    ref = SS2D(d_model=12, d_state=2, ssm_ratio=1.5, conv_bias=False, coarse_memory_size=memories[0],
+               fine_memory_size=memories[1], act_layer=act_layer, backend="torch")
+    with torch.no_grad():
+        for mem in (ref.coarse_memory, ref.fine_memory):
+            if mem is not None:
+                mem.cells.normal_()
+                mem.scale.fill_(0.7)
+    fast = SS2D(d_model=12, d_state=2, ssm_ratio=1.5, conv_bias=False, coarse_memory_size=memories[0],
+                fine_memory_size=memories[1], act_layer=act_layer, backend=backend).to(device)
+    fast.load_state_dict(ref.state_dict())
+    calls = []
+    op = ops.cross_selective_scan
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["x_shift"] is not None, kwargs["silu"]))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "cross_selective_scan", spy)
+    x = torch.randn(2, 12, 5, 7)
+    results = []
+    for module, dev in ((ref, "cpu"), (fast, device)):
+        xi = x.to(dev).requires_grad_()
+        out = module(xi)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(dev))
+        results.append((out, xi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    fused = act_layer is nn.SiLU
+    assert calls == [(False, False), (fused and memories != (0, 0), fused)]
+    assert_close(f"{backend} vs torch SS2D", results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    assert_close(f"{backend} vs torch SS2D grad x", results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+    for n, g in results[0][2].items():
+        if g is None:  # fine_memory.proj: only the losses (return_aux) use it
+            assert results[1][2][n] is None, n
+            continue
+        assert_close(f"{backend} vs torch SS2D grad {n}", results[1][2][n], g, rtol=1e-3, atol=1e-5)
+
+
 def test_ss2d_accepts_vmamba_arguments_and_channel_last():
     kwargs = dict(d_model=20, d_state=1, ssm_ratio=1.0, dt_rank="auto", act_layer=nn.SiLU, d_conv=3,
                   conv_bias=False, dropout=0.0, bias=False, dt_min=0.001, dt_max=0.1, dt_init="random",

@@ -3,9 +3,9 @@
 // (shared with selective_scan) as an MM_HD function, so the CPU kernels (the CI-tested path) run the
 // very lines the GPU runs.
 //
-// Layout: x (B, D, H, W) any strides; xdbl (B, K, R+2N, L) fp32 contiguous in *spatial* order
-// l = h*W + w (the x_proj GEMM is per-position, so it never needs a cross-scan copy); direction k
-// visits l = css_spatial_index(k, t, H, W) at time t.
+// Layout: x (B, D, H, W) any strides, before the activation (see ActParams); xdbl (B, K, R+2N, L)
+// fp32 contiguous in *spatial* order l = h*W + w (the x_proj GEMM is per-position, so it never needs
+// a cross-scan copy); direction k visits l = css_spatial_index(k, t, H, W) at time t.
 #pragma once
 
 #include <cmath>
@@ -20,12 +20,40 @@ constexpr int kDirections = 4;
 constexpr int kMaxDState = 16;
 constexpr int kMaxDtRank = 64;
 
-struct FwdParams {
-  int batch, dim, height, width, seqlen, dstate, dt_rank;
-  bool delta_softplus;
+// The scan's input u = act(x + shift): the Mem-SSM block's memory add (F_bar = F~ + w, one shift per
+// (batch, channel)) and its SiLU, applied in registers wherever a kernel reads u, so neither F_bar
+// nor u is ever written to memory. shift == nullptr: no add; silu == false: act is the identity.
+struct ActParams {
+  int batch, dim, height, width, seqlen;
+  bool silu;
   // x strides in elements; everything else is contiguous.
   int64_t x_batch_stride, x_dim_stride, x_h_stride, x_w_stride;
-  const void* __restrict__ x;          // (B, D, H, W) input dtype
+  const void* __restrict__ x;          // (B, D, H, W) input dtype, pre-activation
+  const float* __restrict__ shift;     // (B, D) or nullptr
+};
+// x_dbl = w @ u (+ w_bias): the x_proj GEMM of all four directions at once, u made on the fly.
+struct ProjParams : ActParams {
+  int rows;                            // 4 * (R + 2N)
+  const float* __restrict__ w;         // (rows, D)
+  const float* __restrict__ w_bias;    // (rows,) or nullptr
+  float* __restrict__ xdbl;            // (B, rows, L)
+};
+// The activation's backward, given du = dL/du (the scan's part plus w^T d(x_dbl)):
+// dx = act'(x + shift) * du, dshift = its sum over positions, and what d(x_proj_weight) needs.
+struct ActBwdParams : ActParams {
+  int rows;
+  const float* __restrict__ du;        // (B, D, L)
+  void* __restrict__ dx;               // (B, D, H, W) contiguous, input dtype
+  float* __restrict__ dshift;          // (B, D) or nullptr
+  // CPU: d(x_proj_weight) per batch, u recomputed in per-task buffers.
+  const float* __restrict__ dxdbl;     // (B, rows, L)
+  float* __restrict__ dw_part;         // (B, rows, D)
+  // CUDA: u written out for the caller's d(x_proj_weight) GEMM.
+  float* __restrict__ u;               // (B, D, L)
+};
+struct FwdParams : ActParams {
+  int dstate, dt_rank;
+  bool delta_softplus;
   const float* __restrict__ xdbl;      // (B, K, R+2N, L)
   const float* __restrict__ dt_w;      // (K, D, R)
   const float* __restrict__ dt_b;      // (K, D)
@@ -33,7 +61,6 @@ struct FwdParams {
   const float* __restrict__ Ds;        // (K*D,)
   void* __restrict__ y;                // CPU: (B, D, H, W) input dtype; CUDA: fp32 accumulator
 };
-
 struct BwdParams : FwdParams {
   const float* __restrict__ dy;        // (B, D, H, W) fp32 contiguous
   float* __restrict__ du;              // (B, D, L) fp32
@@ -56,6 +83,9 @@ struct BwdParams : FwdParams {
 using memorymamba::mm_exp;
 
 // ---- the op's arithmetic ---------------------------------------------------------------------
+// u from z = x + shift, and du/dz.
+MM_HD float css_act(float z, bool silu) { return silu ? memorymamba::silu(z) : z; }
+MM_HD float css_act_grad(float z, bool silu) { return silu ? memorymamba::silu_grad(z) : 1.f; }
 
 // Direction k at time t -> spatial index h*W + w. 0: row-major, 1: column-major, 2/3: their reverses.
 MM_HD int64_t css_spatial_index(int k, int64_t t, int H, int W) {

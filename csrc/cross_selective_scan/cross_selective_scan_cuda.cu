@@ -14,7 +14,10 @@
 // rows in dxdbl_part that the caller reduces in a fixed order. Parameter grads: per-(b, k, d)
 // block reductions in a fixed order, written as partials.
 //
-// Instantiations: forward x 3 input dtypes + backward x 3 input dtypes = 6 kernels.
+// u = act(x + shift) (ActParams) is made from x wherever a kernel loads it: the scans (load_step),
+// the x_proj GEMM (proj_kernel) and the activation's backward (act_bwd_kernel); the silu flag and the
+// shift pointer are runtime values, uniform over the grid, so they cost no instantiations.
+// Instantiations: (forward, backward, proj, act_bwd) x 3 input dtypes = 12 kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
@@ -92,14 +95,26 @@ struct Smem {
   float red[KT::kNWarps];
 };
 
-// Loads the step-independent data of one time step: spatial index, u, raw and final delta.
+__device__ float shift_of(const ActParams& p, int b, int d) {
+  return p.shift ? p.shift[int64_t(b) * p.dim + d] : 0.f;
+}
+
+// x at spatial index l of the (b, d) row, as fp32 (any strides).
 template <typename T>
-__device__ void load_step(const FwdParams& p, int b, int d, int k, int64_t t, const float* xd, const Smem& s,
-                          float bias, int& l, float& u, float& dt, float& delta) {
-  l = int(css_spatial_index(k, t, p.height, p.width));
+__device__ float load_x(const ActParams& p, int b, int d, int l) {
   const int h = l / p.width, w = l - h * p.width;
   const T* x = static_cast<const T*>(p.x);
-  u = static_cast<float>(x[b * p.x_batch_stride + d * p.x_dim_stride + h * p.x_h_stride + w * p.x_w_stride]);
+  return static_cast<float>(
+      x[b * p.x_batch_stride + d * p.x_dim_stride + h * p.x_h_stride + w * p.x_w_stride]);
+}
+
+// Loads the step-independent data of one time step: spatial index, u = act(x + shift), raw and
+// final delta.
+template <typename T>
+__device__ void load_step(const FwdParams& p, int b, int d, int k, int64_t t, const float* xd, const Smem& s,
+                          float bias, float shift, int& l, float& u, float& dt, float& delta) {
+  l = int(css_spatial_index(k, t, p.height, p.width));
+  u = css_act(load_x<T>(p, b, d, l) + shift, p.silu);
   dt = bias;
   for (int r = 0; r < p.dt_rank; ++r) dt += s.w[r] * xd[int64_t(r) * p.seqlen + l];
   delta = css_delta(dt, p.delta_softplus);
@@ -120,6 +135,7 @@ __global__ __launch_bounds__(KT::kNThreads) void fwd_kernel(FwdParams p) {
   __shared__ Smem s;
   const int d = blockIdx.x, b = blockIdx.y;
   const int64_t L = p.seqlen, N = p.dstate, R = p.dt_rank;
+  const float shift = shift_of(p, b, d);
   float* y = static_cast<float*>(p.y) + (int64_t(b) * p.dim + d) * L;
   for (int k = 0; k < kDirections; ++k) {
     load_direction_params(p, k, d, s);
@@ -133,7 +149,7 @@ __global__ __launch_bounds__(KT::kNThreads) void fwd_kernel(FwdParams p) {
       for (int j = 0; j < KT::kNItems; ++j) {
         const int64_t t = t0 + threadIdx.x * KT::kNItems + j;
         yv[j] = 0.f;
-        if (t < L) load_step<T>(p, b, d, k, t, xd, s, bias, l[j], u[j], dt[j], delta[j]);
+        if (t < L) load_step<T>(p, b, d, k, t, xd, s, bias, shift, l[j], u[j], dt[j], delta[j]);
         else { l[j] = -1; u[j] = 0.f; delta[j] = 0.f; }
       }
       for (int n = 0; n < N; ++n) {
@@ -178,6 +194,7 @@ __global__ __launch_bounds__(KT::kNThreads) void bwd_kernel(BwdParams p) {
   const int d = blockIdx.x, b = blockIdx.y;
   const int64_t L = p.seqlen, N = p.dstate, R = p.dt_rank, C = R + 2 * N;
   const int64_t nseg = (L + KT::kSegment - 1) / KT::kSegment;
+  const float shift = shift_of(p, b, d);
   const float* g_row = p.dy + (int64_t(b) * p.dim + d) * L;
   float* du_row = p.du + (int64_t(b) * p.dim + d) * L;
   for (int k = 0; k < kDirections; ++k) {
@@ -197,7 +214,7 @@ __global__ __launch_bounds__(KT::kNThreads) void bwd_kernel(BwdParams p) {
 #pragma unroll
       for (int j = 0; j < KT::kNItems; ++j) {
         const int64_t t = seg * KT::kSegment + threadIdx.x * KT::kNItems + j;
-        if (t < L) load_step<T>(p, b, d, k, t, xd, s, bias, l[j], u[j], dt[j], delta[j]);
+        if (t < L) load_step<T>(p, b, d, k, t, xd, s, bias, shift, l[j], u[j], dt[j], delta[j]);
         else l[j] = -1;
       }
       for (int n = 0; n < N; ++n) {
@@ -232,7 +249,7 @@ __global__ __launch_bounds__(KT::kNThreads) void bwd_kernel(BwdParams p) {
         const int64_t t = seg * KT::kSegment + threadIdx.x * KT::kNItems + j;
         ddelta[j] = 0.f;
         if (t < L) {
-          load_step<T>(p, b, d, k, t, xd, s, bias, l[j], u[j], dt[j], delta[j]);
+          load_step<T>(p, b, d, k, t, xd, s, bias, shift, l[j], u[j], dt[j], delta[j]);
           g[j] = g_row[l[j]];
           du[j] = g[j] * Dk;
           acc_D += g[j] * u[j];
@@ -321,6 +338,93 @@ __global__ __launch_bounds__(KT::kNThreads) void bwd_kernel(BwdParams p) {
   }
 }
 
+// x_proj: x_dbl[b, c, l] = sum_d w[c, d] u[b, d, l] (+ bias[c]), u made from x as it is loaded.
+// A block computes a kRows x kPositions tile of one batch, walking D in kChunk slices staged in smem
+// (u slice kChunk x kPositions, w slice kRows x kChunk). Thread i owns position i % kPositions and
+// kRows / kGroups rows: the u reads are consecutive per warp, the w reads broadcast.
+struct ProjTraits {
+  static constexpr int kNThreads = 256;
+  static constexpr int kPositions = 64;
+  static constexpr int kRows = 32;
+  static constexpr int kChunk = 32;
+  static constexpr int kGroups = kNThreads / kPositions;       // row groups
+  static constexpr int kRowsPerThread = kRows / kGroups;
+  static constexpr int kULoads = kChunk / kGroups;             // u elements staged per thread
+  static constexpr int kWLoads = kRows * kChunk / kNThreads;   // w elements staged per thread
+  static_assert(kNThreads % kPositions == 0 && kPositions % 32 == 0, "a warp covers 32 positions of one row group");
+  static_assert(kRows % kGroups == 0 && kChunk % kGroups == 0 && (kRows * kChunk) % kNThreads == 0,
+                "tiles split evenly over the threads");
+  static dim3 grid(const ProjParams& p) {
+    return dim3((p.seqlen + kPositions - 1) / kPositions, p.batch, (p.rows + kRows - 1) / kRows);
+  }
+};
+
+template <typename T>
+__global__ __launch_bounds__(ProjTraits::kNThreads) void proj_kernel(ProjParams p) {
+  using PT = ProjTraits;
+  __shared__ float us[PT::kChunk][PT::kPositions];
+  __shared__ float ws[PT::kRows][PT::kChunk + 1];  // + 1: no bank conflicts on the row-wise fill
+  const int b = blockIdx.y, c0 = blockIdx.z * PT::kRows;
+  const int pos = threadIdx.x % PT::kPositions, group = threadIdx.x / PT::kPositions;
+  const int l = blockIdx.x * PT::kPositions + pos;
+  const bool in_range = l < p.seqlen;
+  // The thread's position is fixed: its offset in x is computed once, not per channel.
+  const int lc = in_range ? l : 0, h = lc / p.width, w = lc - h * p.width;
+  const T* x = static_cast<const T*>(p.x) + int64_t(b) * p.x_batch_stride + h * p.x_h_stride + w * p.x_w_stride;
+  float acc[PT::kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < PT::kRowsPerThread; ++i) acc[i] = 0.f;
+  for (int d0 = 0; d0 < p.dim; d0 += PT::kChunk) {
+#pragma unroll
+    for (int i = 0; i < PT::kULoads; ++i) {
+      const int dd = group + i * PT::kGroups, d = d0 + dd;
+      us[dd][pos] = (in_range && d < p.dim)
+                        ? css_act(static_cast<float>(x[d * p.x_dim_stride]) + shift_of(p, b, d), p.silu) : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < PT::kWLoads; ++i) {
+      const int e = threadIdx.x + i * PT::kNThreads, r = e / PT::kChunk, dd = e % PT::kChunk;
+      ws[r][dd] = (c0 + r < p.rows && d0 + dd < p.dim) ? p.w[int64_t(c0 + r) * p.dim + d0 + dd] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int dd = 0; dd < PT::kChunk; ++dd) {
+      const float u = us[dd][pos];
+#pragma unroll
+      for (int i = 0; i < PT::kRowsPerThread; ++i) acc[i] += ws[group * PT::kRowsPerThread + i][dd] * u;
+    }
+    __syncthreads();  // the slices are refilled next
+  }
+  if (!in_range) return;
+#pragma unroll
+  for (int i = 0; i < PT::kRowsPerThread; ++i) {
+    const int c = c0 + group * PT::kRowsPerThread + i;
+    if (c < p.rows) p.xdbl[(int64_t(b) * p.rows + c) * p.seqlen + l] = acc[i] + (p.w_bias ? p.w_bias[c] : 0.f);
+  }
+}
+
+// The activation's backward, one block per (channel, batch) row: dx = act'(z) du, dshift = sum of dx
+// (fixed-order block sum), and u = act(z) written for the caller's d(x_proj_weight) GEMM.
+template <typename T>
+__global__ __launch_bounds__(KT::kNThreads) void act_bwd_kernel(ActBwdParams p) {
+  __shared__ float red[KT::kNWarps];
+  const int d = blockIdx.x, b = blockIdx.y;
+  const int64_t row = (int64_t(b) * p.dim + d) * p.seqlen;
+  const float shift = shift_of(p, b, d);
+  T* dx = static_cast<T*>(p.dx) + row;
+  float acc = 0.f;
+  for (int l = threadIdx.x; l < p.seqlen; l += KT::kNThreads) {
+    const float z = load_x<T>(p, b, d, l) + shift;
+    const float g = css_act_grad(z, p.silu) * p.du[row + l];
+    dx[l] = static_cast<T>(g);
+    p.u[row + l] = css_act(z, p.silu);
+    acc += g;
+  }
+  if (p.dshift == nullptr) return;  // uniform over the block: no thread waits in block_sum alone
+  const float s = block_sum(acc, red);
+  if (threadIdx.x == 0) p.dshift[int64_t(b) * p.dim + d] = s;
+}
+
 }  // namespace
 
 void fwd_cuda(FwdParams& p, at::ScalarType dtype) {
@@ -328,6 +432,23 @@ void fwd_cuda(FwdParams& p, at::ScalarType dtype) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_fwd_cuda: x", [&] {
     fwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void proj_cuda(ProjParams& p, at::ScalarType dtype) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_proj_cuda: x", [&] {
+    proj_kernel<scalar_t><<<ProjTraits::grid(p), ProjTraits::kNThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void act_bwd_cuda(ActBwdParams& p, at::ScalarType dtype) {
+  const dim3 grid(p.dim, p.batch);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_act_bwd_cuda: x", [&] {
+    act_bwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

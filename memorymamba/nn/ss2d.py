@@ -17,6 +17,7 @@ from memorymamba import ops
 from memorymamba.nn.layers import LayerNorm2d, Linear2d, init_dt_bias
 from memorymamba.nn.memory import SIMILARITIES, MemoryNetwork
 from memorymamba.ops._dispatch import kernel, pick_backend
+from memorymamba.ops._kernels.cross_selective_scan import KERNEL_DTYPES as SCAN_KERNEL_DTYPES
 from memorymamba.ops._kernels.memory_attention import KERNEL_DTYPES
 
 K_DIRECTIONS = 4
@@ -44,7 +45,7 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 class SS2D(nn.Module):
     """VMamba SS2D, v05_noz: in_proj -> depthwise conv -> [memory] -> SiLU -> cross selective scan
-    -> out_norm -> out_proj.
+    -> out_norm -> out_proj. On the compiled backends the memory add and the SiLU run inside the scan.
 
     Accepts VMamba's SS2D constructor arguments for this path (d_model, d_state, ssm_ratio, dt_rank,
     act_layer, d_conv, conv_bias, dropout, bias, dt_min, dt_max, dt_init, dt_scale, dt_init_floor,
@@ -126,6 +127,13 @@ class SS2D(nn.Module):
         return (f.dtype in KERNEL_DTYPES and all(t is None or t.dtype == torch.float32 for t in params)
                 and pick_backend("memory_attention", self.backend, f, *params) != "torch")
 
+    def _fused_activation(self, f: torch.Tensor) -> bool:
+        """Whether the memory add and the SiLU run inside the compiled scan (x_shift, silu=True), so that
+        neither F_bar nor u is materialised; other activations and the torch backend stay in PyTorch."""
+        params = (self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+        return (isinstance(self.act, nn.SiLU) and f.dtype in SCAN_KERNEL_DTYPES
+                and pick_backend("cross_selective_scan", self.backend, f, *params) != "torch")
+
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         """x (B, d_model, H, W) [or (B, H, W, d_model)] -> same shape; with return_aux also a BlockAux."""
         expect = "(B, d_model, H, W)" if self.channel_first else "(B, H, W, d_model)"
@@ -138,6 +146,8 @@ class SS2D(nn.Module):
         if self.conv2d is not None:
             f = self.conv2d(f)
         aux = BlockAux()
+        fused_act = self._fused_activation(f)
+        add = None
         if self.has_memory:
             add = 0
             if self._fused_memory(f):
@@ -162,12 +172,15 @@ class SS2D(nn.Module):
             if return_aux and self.fine_memory is not None:
                 aux.fine_proj = self.fine_memory.proj(v_f)
             aux.pooled = p
-            f = f + add.to(f.dtype)[:, :, None, None]  # fp32 memory params must not promote f under autocast
-        u = self.act(f)
-        # The op keeps its own precision (fp32 maths, output in u's dtype); autocast must not recast inside it.
-        with torch.autocast(u.device.type, enabled=False):
-            y = ops.cross_selective_scan(u, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                                         self.A_logs, self.Ds, delta_softplus=True, backend=self.backend)
+            add = add.to(f.dtype)  # fp32 memory params must not promote f under autocast
+        if not fused_act:
+            f = self.act(f if add is None else f + add[:, :, None, None])
+            add = None  # applied: f is u now
+        # The op keeps its own precision (fp32 maths, output in f's dtype); autocast must not recast inside it.
+        with torch.autocast(f.device.type, enabled=False):
+            y = ops.cross_selective_scan(f, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                         self.A_logs, self.Ds, delta_softplus=True, x_shift=add, silu=fused_act,
+                                         backend=self.backend)
         if not self.channel_first:
             y = y.permute(0, 2, 3, 1)
         out = self.dropout(self.out_proj(self.out_norm(y)))

@@ -1,7 +1,10 @@
 """The SS2D core of VMamba's forward_corev2 ("v05_noz"): cross scan, per-direction projections,
-selective scan, cross merge.
+selective scan, cross merge, optionally preceded by the Mem-SSM block's memory add and SiLU.
 
-For each direction k of xs = cross_scan(x) (B, 4, D, L):
+u = act(x + x_shift[:, :, None, None]) (act = SiLU when silu, else identity; no shift when x_shift is
+None): the block's F_bar = F~ + w and u = SiLU(F_bar), done inside the op so the kernels produce u
+where they load x and neither F_bar nor u reaches memory. Then, for each direction k of
+xs = cross_scan(u) (B, 4, D, L):
     x_dbl = x_proj_weight[k] @ xs_k (+ x_proj_bias[k])        (R + 2N, L), split into dts, B_k, C_k
     delta = dt_projs_weight[k] @ dts                          (D, L)
     ys_k  = selective_scan(xs_k, delta, A = -exp(A_logs), B_k, C_k, Ds, delta_bias = dt_projs_bias[k],
@@ -14,6 +17,7 @@ kernels write.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from memorymamba.ops._dispatch import kernel, pick_backend
 from memorymamba.ops.cross_scan import K_DIRECTIONS, _cross_merge_torch, _cross_scan_torch
@@ -54,12 +58,31 @@ def check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight, dt_projs_
     return B, D, H, W, R, N
 
 
-def _core(scan, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias, delta_softplus):
+def check_x_shift(x_shift, x):
+    """Validate the per-(batch, channel) shift added to x before the activation."""
+    if x_shift is None:
+        return
+    _check_tensor("x_shift", x_shift, ACT_DTYPES)
+    if x_shift.shape != x.shape[:2]:
+        raise ValueError(f"x_shift must have shape (B, D) = {tuple(x.shape[:2])} (x's batch and channels), "
+                         f"got {tuple(x_shift.shape)}")
+    if x_shift.device != x.device:
+        raise ValueError(f"x_shift must be on x's device {x.device}, got {x_shift.device}")
+
+
+def _core(scan, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias, delta_softplus,
+          x_shift, silu):
     B, D, H, W, R, N = check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias,
                                                        A_logs, Ds, x_proj_bias)
-    dtype = _maths_dtype(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias)
+    check_x_shift(x_shift, x)
+    dtype = _maths_dtype(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias, x_shift)
     K, L = K_DIRECTIONS, H * W
-    xs = _cross_scan_torch(x.to(dtype))
+    u = x.to(dtype)
+    if x_shift is not None:
+        u = u + x_shift.to(dtype)[:, :, None, None]
+    if silu:
+        u = F.silu(u)
+    xs = _cross_scan_torch(u)
     x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.to(dtype))
     if x_proj_bias is not None:
         x_dbl = x_dbl + x_proj_bias.to(dtype)[None, :, :, None]
@@ -71,19 +94,20 @@ def _core(scan, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_
 
 
 def cross_selective_scan_ref(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias=None,
-                             delta_softplus=True):
+                             delta_softplus=True, *, x_shift=None, silu=False):
     """Reference SS2D core built on the loop scan (slow, for tests).
 
-    x (B, D, H, W) after the activation; x_proj_weight (4, R+2N, D); x_proj_bias (4, R+2N) or None;
-    dt_projs_weight (4, D, R); dt_projs_bias (4, D); A_logs (4*D, N); Ds (4*D,).
-    Returns y (B, D, H, W) in x's dtype (before VMamba's out_norm).
+    x (B, D, H, W): the scan's input u when x_shift is None and silu is False, else the pre-activation
+    features (u = act(x + x_shift), see the module docstring); x_shift (B, D) or None; x_proj_weight
+    (4, R+2N, D); x_proj_bias (4, R+2N) or None; dt_projs_weight (4, D, R); dt_projs_bias (4, D);
+    A_logs (4*D, N); Ds (4*D,). Returns y (B, D, H, W) in x's dtype (before VMamba's out_norm).
     """
     return _core(selective_scan_ref, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias,
-                 delta_softplus)
+                 delta_softplus, x_shift, bool(silu))
 
 
 def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, x_proj_bias=None,
-                         delta_softplus=True, *, backend=None, deterministic=False):
+                         delta_softplus=True, *, x_shift=None, silu=False, backend=None, deterministic=False):
     """The SS2D core on the chosen backend; arguments and result as cross_selective_scan_ref.
 
     backend: None (see memorymamba._backend), "torch" (the fast pure-PyTorch scan), "cpu" or "cuda"
@@ -92,12 +116,14 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
     """
     N = check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                         x_proj_bias)[5]
+    check_x_shift(x_shift, x)
     b = pick_backend("cross_selective_scan", backend, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
-                     Ds, x_proj_bias)
+                     Ds, x_proj_bias, x_shift)
     if b == "torch":
         if N > TORCH_MAX_DSTATE:
             raise ValueError(f"A_logs has N = {N} states; the torch backend supports N <= {TORCH_MAX_DSTATE}")
         return _core(selective_scan_torch, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                     x_proj_bias, delta_softplus)
+                     x_proj_bias, delta_softplus, x_shift, bool(silu))
     return kernel("cross_selective_scan")(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                                          x_proj_bias, delta_softplus, deterministic=deterministic)
+                                          x_proj_bias, delta_softplus, x_shift=x_shift, silu=bool(silu),
+                                          deterministic=deterministic)
