@@ -205,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = dsub.add_parser("generate", help="write the synthetic dataset as train/val/test/<class>/*.png",
                         description="Write the synthetic six-class surface-defect dataset as PNG class folders.")
     g.add_argument("output", help="folder to create (replaced if it exists)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--image-size", type=int, default=64)
-    g.add_argument("--train-per-class", type=int, default=300)
-    g.add_argument("--val-per-class", type=int, default=60)
-    g.add_argument("--test-per-class", type=int, default=100)
+    from .data import SyntheticSpec
+    spec = SyntheticSpec()  # the defaults of the dataset `memorymamba train` generates
+    g.add_argument("--seed", type=int, default=spec.seed)
+    g.add_argument("--image-size", type=int, default=spec.image_size)
+    g.add_argument("--train-per-class", type=int, default=spec.train_per_class)
+    g.add_argument("--val-per-class", type=int, default=spec.val_per_class)
+    g.add_argument("--test-per-class", type=int, default=spec.test_per_class)
     dp.set_defaults(func=cmd_data)
 
     i = sub.add_parser("info", help="versions, backends, compiled kernels", description="Versions and backends.")

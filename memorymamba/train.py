@@ -227,17 +227,37 @@ def _log(d: Dist, msg: str):
         print(msg, flush=True)
 
 
-def auto_threads() -> int:
-    """Torch's default thread count, less the cores other processes keep busy (1-min load average).
+def busy_cores(window_s: float = 0.3) -> float:
+    """Cores other processes keep busy now: /proc/stat sampled over `window_s` on Linux (the load
+    average lags by a minute), the 1-min load average elsewhere."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+        return _usable_cores() * (1 - (i1 - i0) / max(t1 - t0, 1))
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_threads() -> tuple[int, float]:
+    """(threads, busy cores): torch's default thread count less the cores other processes keep busy.
 
     OpenMP threads spin while they wait for each other: on the 2-core dev box, 2 threads beside
     busy processes made a nano epoch 10-20x slower than 1 thread did, while on an idle box 2
     threads are ~1.5x faster than 1. torchrun's ranks on one machine split the idle cores.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    idle = round(cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks share the cores
-    return max(1, min(torch.get_num_threads(), idle // max(local_ranks, 1)))
+    busy = busy_cores()
+    idle = round(_usable_cores() - busy)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(torch.get_num_threads(), idle // max(local_ranks, 1))), busy
 
 
 def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
@@ -251,11 +271,13 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
             raise RunError(f"run {os.path.dirname(ckpt['path'])} already finished ({ckpt['epoch']}/{cfg.epochs} "
                            f"epochs); nothing to resume -- start a new run instead")
     cfg = cfg or config_mod.resolve()
-    threads = cfg.threads or auto_threads()
-    torch.set_num_threads(threads)
-    if threads != cfg.threads:
-        print(f"torch CPU threads: {threads} (threads=0: the idle cores, 1-min load average "
-              f"{os.getloadavg()[0]:.1f}; set --threads to choose)", flush=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    else:
+        threads, busy = auto_threads()
+        torch.set_num_threads(threads)
+        print(f"torch CPU threads: {threads} ({busy:.1f} of {_usable_cores()} cores busy; --threads N to choose)",
+              flush=True)
     d = Dist(cfg.device)
     try:
         return _train(cfg, ckpt, d)

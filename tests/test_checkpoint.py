@@ -10,7 +10,8 @@ from memorymamba.checkpoint import LoadReport
 from tests.conftest import assert_close
 
 MEMORY_OFF = dict(use_coarse_memory=False, use_fine_memory=False, use_fusion=False)
-NANO = dict(dims=24, depths=[1, 2, 1, 1], backend="torch")
+# A small VMamba-layout model: nano's size with VMamba's ln2d conv norms (nano's own default is BN).
+NANO = dict(dims=24, depths=[1, 2, 1, 1], backend="torch", conv_norm="ln2d")
 
 
 def vmamba(**kw):

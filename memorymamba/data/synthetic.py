@@ -23,6 +23,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -38,7 +40,7 @@ GENERATOR_VERSION = 3  # bump when drawing changes so stale caches are not reuse
 class SyntheticSpec:
     """What to generate: images per class per split, image side and seed. Imbalanced and few-shot
     variants are subsets of the train split (memorymamba.data.subsample_train)."""
-    train_per_class: int = 300
+    train_per_class: int = 1000
     val_per_class: int = 60
     test_per_class: int = 100
     image_size: int = 64
@@ -224,6 +226,14 @@ def _write_class(spec: SyntheticSpec, split: str, label: int, folder: str) -> No
         Image.fromarray(img, mode="L").save(os.path.join(folder, f"{name}_{i + 1:04d}.png"))
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, end the worker when the parent dies (PR_SET_PDEATHSIG), so a
+    killed run leaves no drawing processes behind. Elsewhere the workers end after their current job."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
 def _workers(jobs: int) -> int:
     return max(1, min(jobs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
@@ -249,7 +259,7 @@ def write_tree(spec: SyntheticSpec, root: str, replace: bool = True) -> str:
         else:
             # spawn, not fork: the parent may hold torch's OpenMP threads, which a forked child inherits broken.
             ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
                 for f in [pool.submit(_write_class, *job) for job in jobs]:
                     f.result()
         with open(os.path.join(tmp, "synthetic.json"), "w") as f:
