@@ -132,6 +132,27 @@ def test_output_has_x_dtype(act):
     assert inputs["x"].grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_keeps_the_ops_precision(backend):
+    # Under autocast the op must compute exactly as outside it (fp32 maths, y in x's dtype), and so
+    # must its backward, run outside the region as autocast's docs ask.
+    device = require_backend(backend, "cross_selective_scan")
+    inputs = make_inputs(2, 3, 3, 5, 2, 1, True, dtype=torch.float32, device=device, shift=True)
+    names = [k for k, v in inputs.items() if v is not None]
+    for k in names:
+        inputs[k].requires_grad_()
+    y = cross_selective_scan(**inputs, silu=True, backend=backend)
+    grads = torch.autograd.grad(y.sum(), [inputs[k] for k in names])
+    dev = torch.device(device).type
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        y_ac = cross_selective_scan(**inputs, silu=True, backend=backend)
+    grads_ac = torch.autograd.grad(y_ac.sum(), [inputs[k] for k in names])
+    assert y_ac.dtype == torch.float32
+    assert_close("y under autocast", y_ac, y, rtol=1e-6, atol=1e-6)
+    for k, a, b in zip(names, grads_ac, grads):
+        assert_close(f"grad {k} under autocast", a, b, rtol=1e-6, atol=1e-6)
+
+
 BAD = [
     ("x rank", dict(x=lambda i: i["x"][0]), ValueError, "x must have shape (B, D, H, W)"),
     ("x dtype", dict(x=lambda i: i["x"].long()), TypeError, "x must have dtype"),

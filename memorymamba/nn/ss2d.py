@@ -176,11 +176,10 @@ class SS2D(nn.Module):
         if not fused_act:
             f = self.act(f if add is None else f + add[:, :, None, None])
             add = None  # applied: f is u now
-        # The op keeps its own precision (fp32 maths, output in f's dtype); autocast must not recast inside it.
-        with torch.autocast(f.device.type, enabled=False):
-            y = ops.cross_selective_scan(f, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
-                                         self.A_logs, self.Ds, delta_softplus=True, x_shift=add, silu=fused_act,
-                                         backend=self.backend)
+        # The op keeps its own precision under autocast (fp32 maths, output in f's dtype).
+        y = ops.cross_selective_scan(f, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                                     self.A_logs, self.Ds, delta_softplus=True, x_shift=add, silu=fused_act,
+                                     backend=self.backend)
         if not self.channel_first:
             y = y.permute(0, 2, 3, 1)
         out = self.dropout(self.out_proj(self.out_norm(y)))

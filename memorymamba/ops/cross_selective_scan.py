@@ -112,18 +112,20 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
 
     backend: None (see memorymamba._backend), "torch" (the fast pure-PyTorch scan), "cpu" or "cuda"
     (the fused kernel). deterministic asks the kernels for run-to-run identical weight gradients; the
-    torch backend is deterministic anyway.
+    torch backend is deterministic anyway. Under autocast the op keeps its own precision (fp32
+    maths, y in x's dtype): autocast would otherwise recast its projections to the autocast dtype.
     """
     N = check_cross_selective_scan_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                         x_proj_bias)[5]
     check_x_shift(x_shift, x)
     b = pick_backend("cross_selective_scan", backend, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
                      Ds, x_proj_bias, x_shift)
-    if b == "torch":
-        if N > TORCH_MAX_DSTATE:
-            raise ValueError(f"A_logs has N = {N} states; the torch backend supports N <= {TORCH_MAX_DSTATE}")
-        return _core(selective_scan_torch, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                     x_proj_bias, delta_softplus, x_shift, bool(silu))
-    return kernel("cross_selective_scan")(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                                          x_proj_bias, delta_softplus, x_shift=x_shift, silu=bool(silu),
-                                          deterministic=deterministic)
+    with torch.autocast(x.device.type, enabled=False):
+        if b == "torch":
+            if N > TORCH_MAX_DSTATE:
+                raise ValueError(f"A_logs has N = {N} states; the torch backend supports N <= {TORCH_MAX_DSTATE}")
+            return _core(selective_scan_torch, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                         x_proj_bias, delta_softplus, x_shift, bool(silu))
+        return kernel("cross_selective_scan")(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                              x_proj_bias, delta_softplus, x_shift=x_shift, silu=bool(silu),
+                                              deterministic=deterministic)

@@ -167,8 +167,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dx_dbl):
     # x_dbl is an internal output (saved for backward); nothing differentiates through it.
     x, x_dbl, w, dt_w, dt_b, A_logs, Ds, shift = ctx.saved_tensors
-    dx, dw, db, ddt_w, ddt_b, dA, dD, dshift = _core_bwd(dy, x, x_dbl, w, dt_w, dt_b, A_logs, Ds, shift,
-                                                         ctx.delta_softplus, ctx.silu, ctx.deterministic)
+    with torch.autocast(x.device.type, enabled=False):  # a backward called inside autocast keeps fp32 GEMMs
+        dx, dw, db, ddt_w, ddt_b, dA, dD, dshift = _core_bwd(dy, x, x_dbl, w, dt_w, dt_b, A_logs, Ds, shift,
+                                                             ctx.delta_softplus, ctx.silu, ctx.deterministic)
     return (dx, dw, (db if ctx.has_bias else None), ddt_w, ddt_b, dA, dD, (dshift if shift is not None else None),
             None, None, None)
 
