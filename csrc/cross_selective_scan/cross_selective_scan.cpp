@@ -507,6 +507,8 @@ ActParams make_act_params(const at::Tensor& x, const c10::optional<at::Tensor>& 
   const int64_t B = x.size(0), D = x.size(1), H = x.size(2), W = x.size(3);
   MM_CHECK(B >= 1 && D >= 1 && H >= 1 && W >= 1, "x must have no empty dimension, got ", shape_str(x.sizes()));
   MM_CHECK(H * W <= INT32_MAX, "height*width must fit in int32, got ", H * W);
+  // Every CUDA kernel of the op puts the batch on gridDim.y, which is limited to 65535.
+  MM_CHECK(!x.is_cuda() || B <= 65535, "batch (x.shape[0]) must be <= 65535 for the CUDA kernels, got ", B);
   ActParams p{};
   p.batch = int(B); p.dim = int(D); p.height = int(H); p.width = int(W); p.seqlen = int(H * W);
   p.silu = silu;
