@@ -308,12 +308,17 @@ def test_cuda_projection_kernel(cuda, shape, act, dtype):
     B, D, H, W, N, R = shape
     inp = make_inputs(B, D, H, W, N, R, act=act)
     rows = 4 * (R + 2 * N)
-    x = torch.randn(B, D + 2, W, H).to(dtype)[:, 1:-1].transpose(2, 3)
+    # Slice on each device: x.cuda() of a strided (non-dense) view would arrive contiguous, and the
+    # kernel's stride handling would go untested.
+    base = torch.randn(B, D + 2, W, H).to(dtype)
+    x = base[:, 1:-1].transpose(2, 3)
+    x_cuda = base.cuda()[:, 1:-1].transpose(2, 3)
+    assert x_cuda.stride() == x.stride() and not x_cuda.is_contiguous()
     w, bias, shift = inp["x_proj_weight"].reshape(rows, D), inp["x_proj_bias"].reshape(rows), inp["x_shift"]
     ref = torch.empty(B, rows, H * W)
     extension().cross_selective_scan_proj(x, shift, act[1], w, bias, ref)
     out = torch.full((B, rows, H * W), float("nan"), device="cuda")
-    extension().cross_selective_scan_proj(x.cuda(), shift.cuda() if shift is not None else None, act[1], w.cuda(),
+    extension().cross_selective_scan_proj(x_cuda, shift.cuda() if shift is not None else None, act[1], w.cuda(),
                                           bias.cuda(), out)
     print(f"cuda proj {shape} {_act_id(act)} {dtype}: max abs err {max_err(out.cpu(), ref):.3e}")
     torch.testing.assert_close(out.cpu(), ref, **FP32_TOL)
@@ -348,3 +353,47 @@ def test_cuda_strided_x_with_activation(cuda):
     ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
     out = run(kernel_fn("cuda"), inp, dy, x=x)
     assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, "cuda strided shift+silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,dtype", [((False, False), torch.float32), ((True, True), torch.bfloat16)],
+                         ids=["plain-fp32", "shift+silu-bf16"])
+def test_cuda_poisoned_outputs_are_overwritten(cuda, act, dtype):
+    """The CUDA entry points with NaN-filled outputs and scratch (the op allocates them with torch.empty):
+    every element must be written, and seg_states written before it is read."""
+    from memorymamba._backend import extension
+    C = extension()
+    B, D, H, W, N, R = 2, 5, 37, 29, 2, 3  # L = 1073: three scan segments, the last partial; D < 32
+    inp = make_inputs(B, D, H, W, N, R, device="cuda", act=act)
+    L, K, rows = H * W, 4, 4 * (R + 2 * N)
+    x, shift, silu = inp["x"].to(dtype), inp["x_shift"], inp["silu"]
+
+    def poisoned(*shape, dtype=torch.float32):
+        return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+    x_dbl = poisoned(B, rows, L)
+    C.cross_selective_scan_proj(x, shift, silu, inp["x_proj_weight"].reshape(rows, D),
+                                inp["x_proj_bias"].reshape(rows), x_dbl)
+    assert not x_dbl.isnan().any(), "projection left elements of x_dbl unwritten"
+    x_dbl = x_dbl.view(B, K, R + 2 * N, L)
+    args = (x, x_dbl, inp["dt_projs_weight"], inp["dt_projs_bias"], inp["A_logs"], inp["Ds"])
+    y = poisoned(B, D, H, W)  # CUDA: the fp32 accumulator
+    C.cross_selective_scan_fwd(*args, y, True, shift, silu)
+    assert not y.isnan().any(), "forward left elements of y unwritten"
+    nseg = -(-L // C.css_cuda_segment_len)
+    outs = dict(du=poisoned(B, D, L), dxdbl_part=poisoned(B, K, D, 1 + 2 * N, L), ddt_w_part=poisoned(B, K, D, R),
+                ddt_b_part=poisoned(B, K, D), dA_logs_part=poisoned(B, K, D, N), dDs_part=poisoned(B, K, D))
+    seg_states = poisoned(B, D, K, nseg, N)
+    dxdbl = torch.zeros(B, K, R + 2 * N, L, device="cuda")  # untouched in deterministic mode
+    C.cross_selective_scan_bwd(*args, torch.randn(B, D, H, W, device="cuda"), outs["du"], dxdbl, outs["dxdbl_part"],
+                               outs["ddt_w_part"], outs["ddt_b_part"], outs["dA_logs_part"], outs["dDs_part"],
+                               seg_states, True, shift, silu)
+    for name, t in outs.items():
+        assert not t.isnan().any(), f"backward left elements of {name} unwritten (or read unwritten seg_states)"
+    act_outs = dict(dx=poisoned(B, D, H, W, dtype=dtype), u=poisoned(B, D, L))
+    if shift is not None:
+        act_outs["dshift"] = poisoned(B, D)
+    C.cross_selective_scan_act_bwd(x, shift, silu, torch.randn(B, D, L, device="cuda"), act_outs["dx"],
+                                   act_outs.get("dshift"), None, None, act_outs["u"])
+    for name, t in act_outs.items():
+        assert not t.isnan().any(), f"activation backward left elements of {name} unwritten"
