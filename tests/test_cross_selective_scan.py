@@ -153,6 +153,20 @@ def test_autocast_keeps_the_ops_precision(backend):
         assert_close(f"grad {k} under autocast", a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_parameter_views(backend):
+    # Parameters that are non-contiguous views (a slice of a larger tensor) work like their copies.
+    device = require_backend(backend, "cross_selective_scan")
+    inputs = make_inputs(2, 3, 3, 5, 2, 1, True, dtype=torch.float32, device=device, shift=True)
+    wide = torch.randn(4, 2 * (2 + 2), 3, device=device)[:, ::2]
+    assert not wide.is_contiguous()
+    inputs["x_proj_weight"] = wide
+    y = cross_selective_scan(**inputs, silu=True, backend=backend)
+    y_ref = cross_selective_scan_ref(**{k: (v.contiguous().cpu() if v is not None else None) for k, v in inputs.items()},
+                                     silu=True)
+    assert_close("y with a sliced x_proj_weight", y, y_ref, rtol=1e-4, atol=1e-5)
+
+
 BAD = [
     ("x rank", dict(x=lambda i: i["x"][0]), ValueError, "x must have shape (B, D, H, W)"),
     ("x dtype", dict(x=lambda i: i["x"].long()), TypeError, "x must have dtype"),
