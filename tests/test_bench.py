@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_device_check_script_is_valid_bash():
 @pytest.mark.slow
 def test_device_check_dry_run_writes_its_files(tmp_path):
     script = os.path.join(REPO, "bench", "gpu_check.sh")
-    env = dict(os.environ, MEMORYMAMBA_GIT_SHA="test", MEMORYMAMBA_GPU_CHECK_BUDGET_S="240")
+    env = dict(os.environ, MEMORYMAMBA_GIT_SHA="test", MEMORYMAMBA_GPU_CHECK_BUDGET_S="240",
+               PYTHON=sys.executable)  # the interpreter running the tests, not whatever python3 is on PATH
     subprocess.run([script, str(tmp_path), "--dry-run"], check=True, env=env, timeout=300)
     names = sorted(os.listdir(tmp_path))
     print(names, (tmp_path / "summary.txt").read_text())
