@@ -30,6 +30,7 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include "cross_selective_scan/cross_selective_scan.h"
+#include "common/cpu_vec.h"
 #include "common/dispatch.h"
 
 #ifdef MEMORYMAMBA_WITH_CUDA
@@ -53,13 +54,7 @@ constexpr int kCpuChannelChunks = 4;
 
 namespace {
 
-// Per-position loops: vectorised for AVX-512 / AVX2+FMA where the CPU has them (GCC function
-// multi-versioning; the ifunc resolver picks at load time).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CSS_VEC __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CSS_VEC
-#endif
+using memorymamba::mm_dot;
 
 // Channels scanned together: kLanes independent recurrences fill a SIMD register, where one
 // channel's recurrence would be bound by the latency of its dependency chain. Measured (2-core dev
@@ -69,7 +64,7 @@ constexpr int kLanes = 8;
 // dt_raw = bias + w . dts; delta = softplus(dt_raw); a = exp(delta A); bu = delta B u for one channel.
 // xd: the (R+2N, L) x_dbl slice of one (batch, direction); a, bu: element (l, n) at (l*N + n)*kLanes
 // (the caller offsets them by the channel's lane).
-CSS_VEC void discretize(const float* __restrict__ xd, const float* __restrict__ w, float bias,
+MM_CPU_VEC void discretize(const float* __restrict__ xd, const float* __restrict__ w, float bias,
                         const float* __restrict__ A, const float* __restrict__ u, int64_t L, int R,
                         int N, bool softplus, float* __restrict__ dt, float* __restrict__ delta,
                         float* __restrict__ a, float* __restrict__ bu) {
@@ -94,23 +89,9 @@ CSS_VEC void discretize(const float* __restrict__ xd, const float* __restrict__ 
   }
 }
 
-// Fixed-order sum of x*y over L: 32 interleaved partial sums (several independent SIMD
-// accumulators, so the add latency does not bound it); the same order on every call and thread.
-CSS_VEC float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t L) {
-  constexpr int kAcc = 32;
-  float acc[kAcc] = {};
-  int64_t l = 0;
-  for (; l + kAcc <= L; l += kAcc)
-    for (int j = 0; j < kAcc; ++j) acc[j] += x[l + j] * y[l + j];
-  float s = 0.f;
-  for (; l < L; ++l) s += x[l] * y[l];
-  for (int j = 0; j < kAcc; ++j) s += acc[j];
-  return s;
-}
-
 // The recurrences of kLanes channels along one direction (all arrays (L*N, kLanes) interleaved, at
 // spatial index): h_t (state after step t) into hs, the state before step t into hs_prev.
-CSS_VEC void scan_forward(const int32_t* __restrict__ perm, const float* __restrict__ a,
+MM_CPU_VEC void scan_forward(const int32_t* __restrict__ perm, const float* __restrict__ a,
                           const float* __restrict__ bu, int64_t L, int N, float* __restrict__ hs,
                           float* __restrict__ hs_prev) {
   float h[kMaxDState][kLanes] = {};
@@ -129,7 +110,7 @@ CSS_VEC void scan_forward(const int32_t* __restrict__ perm, const float* __restr
 
 // Reverse recurrence for the state gradients: dh_t = C_t g_t + a_{t+1} dh_{t+1} (interleaved like
 // scan_forward; g is (L, kLanes) interleaved, Cmat the (N, L) C rows shared by all channels).
-CSS_VEC void scan_backward(const int32_t* __restrict__ perm, const float* __restrict__ a,
+MM_CPU_VEC void scan_backward(const int32_t* __restrict__ perm, const float* __restrict__ a,
                            const float* __restrict__ Cmat, const float* __restrict__ g, int64_t L, int N,
                            float* __restrict__ dhs) {
   float e[kMaxDState][kLanes] = {};  // a_{t+1} dh_{t+1}: the gradient reaching h_t from the future
@@ -156,7 +137,7 @@ void zero_lanes(float* a, float* bu, int64_t LN, int lanes) {
 // Per-position backward (spatial order, vectorisable): fills ddt (= d dt_raw), adds into du and
 // the dB/dC rows of dxd, and returns the dA sums of this channel. a, hs_prev, hs, dhs: this
 // channel's lane of the interleaved arrays.
-CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict__ dxd,
+MM_CPU_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict__ dxd,
                                 const float* __restrict__ A, const float* __restrict__ u,
                                 const float* __restrict__ g, const float* __restrict__ dt,
                                 const float* __restrict__ delta, const float* __restrict__ a,
@@ -180,7 +161,7 @@ CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict_
       dCn[l] += g[l] * hs[o];
       tmp[l] = dA_l;
     }
-    dA_sum[n] = dot(tmp, ones, L);
+    dA_sum[n] = mm_dot(tmp, ones, L);
   }
   if (softplus) {
     for (int64_t l = 0; l < L; ++l) ddt[l] *= css_delta_grad(dt[l], true);
@@ -188,11 +169,11 @@ CSS_VEC void grads_per_position(const float* __restrict__ xd, float* __restrict_
 }
 
 // The rank-R side of the delta projection: d dt_w[r] = sum_l ddt x_dbl[r]; d x_dbl[r] += w[r] ddt.
-CSS_VEC void dt_proj_grads(const float* __restrict__ xd, const float* __restrict__ w,
+MM_CPU_VEC void dt_proj_grads(const float* __restrict__ xd, const float* __restrict__ w,
                            const float* __restrict__ ddt, int64_t L, int R, float* __restrict__ dxd,
                            float* __restrict__ dw) {
   for (int r = 0; r < R; ++r) {
-    dw[r] = dot(ddt, xd + r * L, L);
+    dw[r] = mm_dot(ddt, xd + r * L, L);
     float* __restrict__ drow = dxd + r * L;
     const float wr = w[r];
     for (int64_t l = 0; l < L; ++l) drow[l] += wr * ddt[l];
@@ -214,7 +195,7 @@ void load_row(const T* x, int64_t hs, int64_t ws, int H, int W, float* out) {
 }
 
 // row = act(row + shift) in place. The silu branch is outside the loop so that the loop vectorises.
-CSS_VEC void activate(float* __restrict__ row, int64_t n, float shift, bool silu) {
+MM_CPU_VEC void activate(float* __restrict__ row, int64_t n, float shift, bool silu) {
   if (silu) {
     for (int64_t i = 0; i < n; ++i) row[i] = css_act(row[i] + shift, true);
   } else {
@@ -270,7 +251,7 @@ MM_HD void proj_rows(const float* __restrict__ w, const float* __restrict__ bias
 }
 
 // out (rows, ld) columns [0, n) = w u (+ bias) for u (D, ldu), tile by tile.
-CSS_VEC void proj_span(const float* __restrict__ w, const float* __restrict__ bias,
+MM_CPU_VEC void proj_span(const float* __restrict__ w, const float* __restrict__ bias,
                        const float* __restrict__ u, int64_t ldu, int rows, int D, int64_t n,
                        float* __restrict__ out, int64_t ld) {
   for (int64_t j0 = 0; j0 < n; j0 += kProjTile) {
@@ -323,7 +304,7 @@ void proj_cpu(const ProjParams& p) {
 }
 
 // dx (= g) and u of one (batch, channel) row from z = x + shift (in place: z becomes u).
-CSS_VEC void act_bwd_row(const float* __restrict__ du, int64_t L, bool silu, float* __restrict__ z,
+MM_CPU_VEC void act_bwd_row(const float* __restrict__ du, int64_t L, bool silu, float* __restrict__ z,
                          float* __restrict__ g) {
   if (silu) {
     for (int64_t l = 0; l < L; ++l) {
@@ -363,7 +344,7 @@ void act_bwd_cpu(const ActBwdParams& p) {
         act_bwd_row(p.du + row * L, L, p.silu, z, g);
         T* dx = static_cast<T*>(p.dx) + row * L;
         for (int64_t l = 0; l < L; ++l) dx[l] = static_cast<T>(g[l]);
-        if (p.dshift) p.dshift[row] = dot(g, ones, L);
+        if (p.dshift) p.dshift[row] = mm_dot(g, ones, L);
         for (int64_t l = 0; l < L; ++l) ut[l * chunk + j] = z[l];
       }
       for (int64_t l = 0; l < L; ++l) std::fill(ut + l * chunk + n, ut + (l + 1) * chunk, 0.f);
@@ -430,7 +411,7 @@ void bwd_cpu(const BwdParams& p) {
     float *ddt = delta + kLanes * L, *tmp = ddt + L, *ones = tmp + L;
     float *a = ones + L, *bu = a + kLanes * L * N, *hs = bu + kLanes * L * N, *hs_prev = hs + kLanes * L * N;
     float* dhs = hs_prev + kLanes * L * N;
-    std::fill(ones, ones + L, 1.f);  // sums as dot(x, ones): one fixed-order vectorised reduction
+    std::fill(ones, ones + L, 1.f);  // sums as mm_dot(x, ones): one fixed-order vectorised reduction
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kCpuChannelChunks, chunk = task % kCpuChannelChunks;
       float* dxd_chunk = p.dxdbl + task * kDirections * C * L;  // (K, C, L) partial of this chunk
@@ -472,8 +453,8 @@ void bwd_cpu(const BwdParams& p) {
                                dhs + j, p.Ds[kd], L, R, N, p.delta_softplus, ones, ddt, p.du + (b * D + d) * L,
                                dA_sum, tmp);
             for (int n = 0; n < N; ++n) p.dA_logs_part[part * N + n] = dA_sum[n] * A[j][n];
-            p.dDs_part[part] = dot(g, u + j * L, L);
-            p.ddt_b_part[part] = dot(ddt, ones, L);
+            p.dDs_part[part] = mm_dot(g, u + j * L, L);
+            p.ddt_b_part[part] = mm_dot(ddt, ones, L);
             dt_proj_grads(xd, p.dt_w + kd * R, ddt, L, R, dxd, p.ddt_w_part + part * R);
           }
         }

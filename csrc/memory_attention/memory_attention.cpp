@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cpu_vec.h"
 #include "common/registry.h"
 #include "common/dispatch.h"
 #include "memory_attention/memory_attention.h"
@@ -34,35 +35,47 @@ struct Scratch {
   Scratch(int D, int hd, int m) : pre(hd), hid(hd), h(m), a(m), v(D), gv(D), da(m) {}
 };
 
+// v = a @ M, cells outer so the inner loop runs along contiguous rows of M (each v[d] still sums
+// over the cells in order).
+MM_CPU_VEC void readout(const float* __restrict__ a, const float* __restrict__ M, int m, int D,
+                        float* __restrict__ v) {
+  for (int d = 0; d < D; ++d) v[d] = 0.f;
+  for (int i = 0; i < m; ++i)
+    for (int d = 0; d < D; ++d) v[d] += a[i] * M[int64_t(i) * D + d];
+}
+
+// dst[:] = sum_b x[b*xs] * y[b*ys + :] over n columns, b = 0..B-1 in order for every element (the
+// order of batch_dot, which the GPU runs per element), vectorised along the columns.
+MM_CPU_VEC void batch_outer_row(const float* __restrict__ x, int64_t xs, const float* __restrict__ y, int64_t ys,
+                                int B, int n, float* __restrict__ dst) {
+  for (int d = 0; d < n; ++d) dst[d] = 0.f;
+  for (int b = 0; b < B; ++b) {
+    const float xb = x[b * xs];
+    const float* __restrict__ yb = y + b * ys;
+    for (int d = 0; d < n; ++d) dst[d] += xb * yb[d];
+  }
+}
+
 // pre, hid, h, a, v of network k for the pooled p of one sample; returns beta, sums in `s`.
 float net_forward(const FwdParams& P, int k, const float* p, Scratch& t, SimSums& s) {
   const NetParams& n = P.net[k];
   const int D = P.dim, Hd = n.hidden, m = n.cells;
+  // Dot products in a fixed order that vectorises (a plain float sum is left scalar by the compiler).
   for (int j = 0; j < Hd; ++j) {
-    const float* row = n.w1 + int64_t(j) * D;
-    float acc = 0.f;
-    for (int d = 0; d < D; ++d) acc += row[d] * p[d];
-    t.pre[j] = acc + (n.b1 ? n.b1[j] : 0.f);
+    t.pre[j] = memorymamba::mm_dot(n.w1 + int64_t(j) * D, p, D) + (n.b1 ? n.b1[j] : 0.f);
     t.hid[j] = gelu(t.pre[j]);
   }
   float hmax = -INFINITY;
   for (int i = 0; i < m; ++i) {
-    const float* row = n.w2 + int64_t(i) * Hd;
-    float acc = 0.f;
-    for (int j = 0; j < Hd; ++j) acc += row[j] * t.hid[j];
-    t.h[i] = acc + (n.b2 ? n.b2[i] : 0.f);
+    t.h[i] = memorymamba::mm_dot(n.w2 + int64_t(i) * Hd, t.hid.data(), Hd) + (n.b2 ? n.b2[i] : 0.f);
     hmax = fmaxf(hmax, t.h[i]);
   }
   float z = 0.f;
   for (int i = 0; i < m; ++i) z += (t.a[i] = expf(t.h[i] - hmax));
   for (int i = 0; i < m; ++i) t.a[i] /= z;
+  readout(t.a.data(), n.memory, m, D, t.v.data());
   s = {0.f, 0.f, 0.f};
-  for (int d = 0; d < D; ++d) {
-    float acc = 0.f;
-    for (int i = 0; i < m; ++i) acc += t.a[i] * n.memory[int64_t(i) * D + d];
-    t.v[d] = acc;
-    sim_accumulate(P.similarity, acc, p[d], s);
-  }
+  for (int d = 0; d < D; ++d) sim_accumulate(P.similarity, t.v[d], p[d], s);
   return sim_value(P.similarity, s, D);
 }
 
@@ -141,8 +154,7 @@ void bwd_cpu(const BwdParams& P) {
         const float* dw = g.dw ? g.dw + b * D : nullptr;
         const float* dv = g.dv ? g.dv + b * D : nullptr;
         float dbeta = 0.f;
-        if (dw)
-          for (int d = 0; d < D; ++d) dbeta += dw[d] * t.v[d];
+        if (dw) dbeta = memorymamba::mm_dot(dw, t.v.data(), D);
         float* gv = g.g_v + b * D;
         for (int d = 0; d < D; ++d) {
           float sv, sp;
@@ -152,11 +164,8 @@ void bwd_cpu(const BwdParams& P) {
         }
         float a_dot_da = 0.f;
         for (int i = 0; i < m; ++i) {
-          const float* row = n.memory + int64_t(i) * D;
-          float acc = 0.f;
-          for (int d = 0; d < D; ++d) acc += row[d] * gv[d];
-          t.da[i] = acc;
-          a_dot_da += t.a[i] * acc;
+          t.da[i] = memorymamba::mm_dot(n.memory + int64_t(i) * D, gv, D);
+          a_dot_da += t.a[i] * t.da[i];
         }
         float* gh = g.g_h + b * m;
         for (int i = 0; i < m; ++i) {
@@ -178,10 +187,25 @@ void bwd_cpu(const BwdParams& P) {
       for (int d = 0; d < D; ++d) P.dp[b * D + d] = dp[d] * P.dp_scale;
     }
   });
-  for (int k = 0; k < P.n_nets; ++k)
-    at::parallel_for(0, net_param_count(P.net[k], D), 256, [&](int64_t e0, int64_t e1) {
+  for (int k = 0; k < P.n_nets; ++k) {
+    const NetParams& n = P.net[k];
+    const NetGrads& g = P.grad[k];
+    const int Hd = n.hidden, m = n.cells;
+    // The two D-wide matrices row by row (vectorised along D); the small middle part
+    // (db1, dw2, db2) element by element as on the GPU. Every element sums b = 0..B-1 in order.
+    at::parallel_for(0, Hd + m, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (r < Hd)
+          batch_outer_row(g.g_pre + r, Hd, P.p, D, P.batch, D, g.dw1 + r * D);
+        else
+          batch_outer_row(g.a + (r - Hd), m, g.g_v, D, P.batch, D, g.dmemory + (r - Hd) * D);
+      }
+    });
+    const int64_t mid0 = int64_t(Hd) * D, mid1 = mid0 + Hd + int64_t(m) * Hd + m;
+    at::parallel_for(mid0, mid1, 256, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) reduce_param_element(P, k, e);
     });
+  }
 }
 
 // ---- checks ------------------------------------------------------------------------------------
