@@ -9,6 +9,7 @@ so on CPU `--resume` continues bit-for-bit: 2 epochs straight == 1 epoch + resum
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -278,6 +279,9 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
         torch.set_num_threads(threads)
         print(f"torch CPU threads: {threads} ({busy:.1f} of {_usable_cores()} cores busy; --threads N to choose)",
               flush=True)
+        # Recorded in the run's config, so --resume uses the same count: CPU reductions may sum in a
+        # thread-dependent order, and a resumed run must continue bit for bit.
+        cfg = dataclasses.replace(cfg, threads=threads)
     d = Dist(cfg.device)
     try:
         return _train(cfg, ckpt, d)

@@ -101,3 +101,28 @@ def test_config_errors_named(tmp_path):
         train(_cfg(tmp_path, name="m", model="vit"))
     with pytest.raises(ConfigError, match="model_args for memorymamba_nano"):
         train(_cfg(tmp_path, name="m2", model_args={"depth": 3}))
+
+
+def test_auto_threads_are_recorded_for_resume(tmp_path, monkeypatch):
+    # threads=0 picks a count at start; the run's config keeps it, so --resume uses the same count.
+    import memorymamba.train as T
+    monkeypatch.setattr(T, "auto_threads", lambda: (1, 0.7))
+    before = torch.get_num_threads()
+    try:
+        train(_cfg(tmp_path, name="auto", threads=0, epochs=1))
+    finally:
+        torch.set_num_threads(before)
+    assert load_checkpoint(str(tmp_path / "runs" / "auto"))["config"]["threads"] == 1
+    assert "threads: 1" in (tmp_path / "runs" / "auto" / "config.yaml").read_text()
+
+
+def test_auto_threads_leave_busy_cores(monkeypatch):
+    import memorymamba.train as T
+    monkeypatch.setattr(T, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    for busy, want in ((0.1, 4), (1.2, 3), (3.9, 1), (8.0, 1)):
+        monkeypatch.setattr(T, "busy_cores", lambda b=busy: b)
+        assert T.auto_threads() == (want, busy)
+    monkeypatch.setattr(T, "busy_cores", lambda: 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun ranks on one machine split the idle cores
+    assert T.auto_threads()[0] == 2
