@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import config as config_mod
 from .config import ConfigError, TrainConfig
 from .data import NORM, DataError, augment, normalize, prepare
+from .data.synthetic import usable_cores
 from .evaluate import evaluate_tensors, write_report
 from .metrics import format_report
 
@@ -239,13 +240,9 @@ def busy_cores(window_s: float = 0.3) -> float:
         t0, i0 = sample()
         time.sleep(window_s)
         t1, i1 = sample()
-        return _usable_cores() * (1 - (i1 - i0) / max(t1 - t0, 1))
+        return usable_cores() * (1 - (i1 - i0) / max(t1 - t0, 1))
     except (OSError, ValueError, IndexError):
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def auto_threads() -> tuple[int, float]:
@@ -256,7 +253,7 @@ def auto_threads() -> tuple[int, float]:
     threads are ~1.5x faster than 1. torchrun's ranks on one machine split the idle cores.
     """
     busy = busy_cores()
-    idle = round(_usable_cores() - busy)
+    idle = round(usable_cores() - busy)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(torch.get_num_threads(), idle // max(local_ranks, 1))), busy
 
@@ -277,7 +274,7 @@ def train(cfg: TrainConfig | None = None, resume: str | None = None) -> dict:
     else:
         threads, busy = auto_threads()
         torch.set_num_threads(threads)
-        print(f"torch CPU threads: {threads} ({busy:.1f} of {_usable_cores()} cores busy; --threads N to choose)",
+        print(f"torch CPU threads: {threads} ({busy:.1f} of {usable_cores()} cores busy; --threads N to choose)",
               flush=True)
         # Recorded in the run's config, so --resume uses the same count: CPU reductions may sum in a
         # thread-dependent order, and a resumed run must continue bit for bit.

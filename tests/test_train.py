@@ -118,7 +118,7 @@ def test_auto_threads_are_recorded_for_resume(tmp_path, monkeypatch):
 
 def test_auto_threads_leave_busy_cores(monkeypatch):
     import memorymamba.train as T
-    monkeypatch.setattr(T, "_usable_cores", lambda: 4)
+    monkeypatch.setattr(T, "usable_cores", lambda: 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     for busy, want in ((0.1, 4), (1.2, 3), (3.9, 1), (8.0, 1)):
         monkeypatch.setattr(T, "busy_cores", lambda b=busy: b)

@@ -198,7 +198,7 @@ def cross_selective_scan(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_log
         raise ValueError(f"dt_projs_weight.shape[2] (dt_rank) must be <= {C.css_max_dt_rank} for the fused "
                          f"kernel, got {R}")
     D = x.shape[1]
-    w = _f32(x_proj_weight).view(K * (R + 2 * N), D)  # contiguous first: reshape of a sliced view may not be
+    w = _f32(x_proj_weight).view(K * (R + 2 * N), D)  # contiguous first: the kernels read a dense w
     w_bias = None if x_proj_bias is None else _f32(x_proj_bias).view(K * (R + 2 * N))
     shift = None if x_shift is None else _f32(x_shift)
     y, _ = _core(x, w, w_bias, _f32(dt_projs_weight), _f32(dt_projs_bias), _f32(A_logs), _f32(Ds), shift,
