@@ -84,8 +84,10 @@ using memorymamba::mm_exp;
 
 // ---- the op's arithmetic ---------------------------------------------------------------------
 // u from z = x + shift, and du/dz.
-MM_HD float css_act(float z, bool silu) { return silu ? memorymamba::silu(z) : z; }
-MM_HD float css_act_grad(float z, bool silu) { return silu ? memorymamba::silu_grad(z) : 1.f; }
+template <class T>
+MM_HD T css_act(T z, bool silu) { return silu ? memorymamba::silu(z) : z; }
+template <class T>
+MM_HD T css_act_grad(T z, bool silu) { return silu ? memorymamba::silu_grad(z) : T{} + 1.f; }
 
 // Direction k at time t -> spatial index h*W + w. 0: row-major, 1: column-major, 2/3: their reverses.
 MM_HD int64_t css_spatial_index(int k, int64_t t, int H, int W) {
@@ -96,26 +98,42 @@ MM_HD int64_t css_spatial_index(int k, int64_t t, int H, int W) {
   return h * W + w;
 }
 
-MM_HD float css_delta(float dt_raw, bool softplus) {
+// The functions below take T = float (CUDA, and scalar CPU code) or memorymamba::f32x16 (the CPU
+// kernels' 16 channels at once); A and B may stay scalars, shared by all lanes.
+template <class T>
+MM_HD T css_delta(T dt_raw, bool softplus) {
   return softplus ? memorymamba::softplus_stable(dt_raw) : dt_raw;
 }
-MM_HD float css_delta_grad(float dt_raw, bool softplus) {
-  return softplus ? memorymamba::softplus_grad(dt_raw) : 1.0f;
+template <class T>
+MM_HD T css_delta_grad(T dt_raw, bool softplus) {
+  return softplus ? memorymamba::softplus_stable_grad(dt_raw) : T{} + 1.f;
+}
+// Both at once, sharing the exponential.
+template <class T>
+MM_HD T css_delta(T dt_raw, bool softplus, T& grad) {
+  if (softplus) return memorymamba::softplus_stable(dt_raw, grad);
+  grad = T{} + 1.f;
+  return dt_raw;
 }
 
 // Zero-order-hold-free discretisation of mamba: h_t = a h_{t-1} + b with a = exp(delta A), b = delta B u.
-MM_HD float css_decay(float delta, float A) { return mm_exp(delta * A); }
-MM_HD float css_input(float delta, float B, float u) { return delta * B * u; }
+template <class T, class SA>
+MM_HD T css_decay(T delta, SA A) { return mm_exp(delta * A); }
+template <class T, class SB>
+MM_HD T css_input(T delta, SB B, T u) { return delta * B * u; }
 
 // Compose the affine maps h -> a h + b: `first` then `second`.
 using Affine = memorymamba::ScanPair;
-MM_HD Affine css_combine(Affine first, Affine second) { return memorymamba::scan_combine(first, second); }
+template <class T>
+MM_HD memorymamba::ScanPairT<T> css_combine(memorymamba::ScanPairT<T> first, memorymamba::ScanPairT<T> second) {
+  return memorymamba::scan_combine(first, second);
+}
 
 // Per-element backward of one state n at one time step. Inputs: dh (total grad of h_t), h_prev,
 // a, delta, A, B, u. Accumulates into ddelta, du, dA and returns dB.
-MM_HD float css_step_bwd(float dh, float h_prev, float a, float delta, float A, float B, float u,
-                         float& ddelta, float& du, float& dA) {
-  const memorymamba::StepGrad s = memorymamba::step_grad(dh, h_prev, a, delta, A, B, u);
+template <class T, class SA, class SB>
+MM_HD T css_step_bwd(T dh, T h_prev, T a, T delta, SA A, SB B, T u, T& ddelta, T& du, T& dA) {
+  const memorymamba::StepGradT<T> s = memorymamba::step_grad(dh, h_prev, a, delta, A, B, u);
   ddelta += s.ddelta;
   dA += s.dA;
   du += s.du;
