@@ -63,9 +63,9 @@ using memorymamba::mm_dot;
 // once in registers, through the MM_HD functions of cross_selective_scan.h instantiated for f32x16.
 // Per (position, channel) only the states the backward keeps and the lane-wise gradient terms
 // go through memory; everything is laid out lane-interleaved, element (l, j) at l*kLanes + j.
-// Measured (2-core dev box, B=8 D=96 56x56 N=1 R=6, 2 threads): fwd 18 -> 5.7 ms and bwd 39 -> 13 ms
-// against 8 channels with the per-position quantities staged in arrays (whose lane-strided stores
-// stayed scalar).
+// Measured side by side (2-core dev box, B=8 D=96 56x56 N=1 R=6, 2 threads, whole op): fwd 20-24 ->
+// 11-14 ms, fwd+bwd 82 -> 40 ms against 8 channels with the per-position quantities staged in arrays
+// (whose lane-strided stores stayed scalar).
 constexpr int kLanes = 16;
 using Vec = memorymamba::f32x16;
 using VecI = memorymamba::i32x16;
