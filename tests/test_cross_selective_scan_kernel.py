@@ -87,6 +87,10 @@ SHAPES = [  # (B, D, H, W, N, R, bias)
     (1, 7, 13, 11, 1, 6, False),
     (3, 8, 6, 6, 4, 6, True),
     (1, 4, 5, 8, 16, 3, True),
+    # Several 16-channel CPU lane groups, the last one partial, split over the backward's channel
+    # chunks unevenly; odd L (the forward's two-step loop ends on a single step).
+    (2, 70, 7, 9, 1, 6, True),
+    (1, 33, 5, 5, 4, 3, False),
 ]
 
 
@@ -175,8 +179,9 @@ def _bits(out):
 
 @pytest.mark.parametrize("act", [(False, False), (True, True)], ids=_act_id)
 def test_deterministic_bitwise(act):
-    inp = make_inputs(3, 8, 11, 9, 4, 6, act=act)
-    dy = torch.randn(3, 8, 11, 9)
+    # 70 channels: five CPU lane groups (the last partial), one backward channel chunk holding two.
+    inp = make_inputs(3, 70, 11, 9, 4, 6, act=act)
+    dy = torch.randn(3, 70, 11, 9)
     threads = torch.get_num_threads()
     try:
         a = _bits(run(kernel_fn("cpu", deterministic=True), inp, dy))
