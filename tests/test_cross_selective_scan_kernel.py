@@ -91,6 +91,7 @@ SHAPES = [  # (B, D, H, W, N, R, bias)
     # chunks unevenly; odd L (the forward's two-step loop ends on a single step).
     (2, 70, 7, 9, 1, 6, True),
     (1, 33, 5, 5, 4, 3, False),
+    (1, 20, 3, 4, 1, 64, True),  # the largest dt_rank
 ]
 
 

@@ -197,7 +197,7 @@ MM_HD void scan_dir(const int32_t* __restrict__ perm, const float* __restrict__ 
     for (int s = 0; s < steps; ++s) {
       const int64_t l = ls[s];
       const Vec u = vload(u_il + l * kLanes);
-      float* rl = rec + l * S * kLanes;
+      float* rl = kRec ? rec + l * S * kLanes : nullptr;  // no arithmetic on the forward's null rec
       if (kRec) {
         vstore(rl, delta[s]);
         vstore(rl + kLanes, slope[s]);
