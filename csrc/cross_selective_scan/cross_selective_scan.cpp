@@ -238,20 +238,20 @@ struct DirLaneGrads {
 };
 
 // The reverse pass of one direction, from the first pass's rec: dh_t = C_t g_t + a_{t+1} dh_{t+1} and
-// the step's gradients. du_il gets D g + the scan's du; per position and lane it writes ddt_il
-// (d dt_raw) and dbc_il (the dB terms, (l, n) at (l*2N + n)*kLanes, then the dC terms at n + N), which
-// reduce_lanes sums over the lanes.
+// the step's gradients. du_il gets D g + the scan's du. The lane terms that reduce_lanes sums over
+// the lanes go into rec in place of what step t no longer needs (later steps read only h_{t-1}, at
+// another position), which keeps the working set in the L2 cache at 56x56: slot 0 <- d dt_raw,
+// 2 + n <- the dC terms, 2 + N + n <- the dB terms.
 template <int kN>
 MM_HD void scan_dir_grad(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes& q,
                          const float* __restrict__ u_il, const float* __restrict__ g_il,
-                         const float* __restrict__ rec, int64_t L, int R, int n_states,
-                         float* __restrict__ du_il, float* __restrict__ ddt_il, float* __restrict__ dbc_il,
+                         float* __restrict__ rec, int64_t L, int R, int n_states, float* __restrict__ du_il,
                          DirLaneGrads& acc) {
   const int N = kN ? kN : n_states, S = rec_size(N);
   Vec e[kN ? kN : kMaxDState] = {};  // a_{t+1} dh_{t+1}: the gradient reaching h_t from later steps
   for (int64_t t = L - 1; t >= 0; --t) {
     const int64_t l = perm[t];
-    const float* rl = rec + l * S * kLanes;
+    float* rl = rec + l * S * kLanes;
     const float* rp = t > 0 ? rec + perm[t - 1] * S * kLanes : nullptr;  // step t-1: h_{t-1}
     const Vec delta = vload(rl);
     const Vec u = vload(u_il + l * kLanes), g = vload(g_il + l * kLanes);
@@ -261,25 +261,25 @@ MM_HD void scan_dir_grad(const int32_t* __restrict__ perm, const float* __restri
       const Vec a = vload(rl + (2 + N + n) * kLanes);
       const Vec h_prev = rp ? vload(rp + (2 + n) * kLanes) : Vec{};
       const Vec dh = Cn * g + e[n];
-      vstore(dbc_il + (l * 2 * N + n) * kLanes, css_step_bwd(dh, h_prev, a, delta, q.A[n], Bn, u, ddelta, du, acc.A[n]));
-      vstore(dbc_il + (l * 2 * N + N + n) * kLanes, g * vload(rl + (2 + n) * kLanes));
+      const Vec dC = g * vload(rl + (2 + n) * kLanes);
+      vstore(rl + (2 + N + n) * kLanes, css_step_bwd(dh, h_prev, a, delta, q.A[n], Bn, u, ddelta, du, acc.A[n]));
+      vstore(rl + (2 + n) * kLanes, dC);
       e[n] = a * dh;
     }
     const Vec ddt = ddelta * vload(rl + kLanes);
     for (int r = 0; r < R; ++r) acc.w[r] += ddt * xd[r * L + l];
     acc.bias += ddt;
-    vstore(ddt_il + l * kLanes, ddt);
+    vstore(rl, ddt);
     vstore(du_il + l * kLanes, vload(du_il + l * kLanes) + du);
   }
 }
 
 MM_CPU_VEC void scan_dir_bwd(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes& q,
                              const float* __restrict__ u_il, const float* __restrict__ g_il,
-                             const float* __restrict__ rec, int64_t L, int R, int N,
-                             float* __restrict__ du_il, float* __restrict__ ddt_il, float* __restrict__ dbc_il,
+                             float* __restrict__ rec, int64_t L, int R, int N, float* __restrict__ du_il,
                              DirLaneGrads& acc) {
-  if (N == 1) scan_dir_grad<1>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, ddt_il, dbc_il, acc);
-  else scan_dir_grad<0>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, ddt_il, dbc_il, acc);
+  if (N == 1) scan_dir_grad<1>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
+  else scan_dir_grad<0>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
 }
 
 // Adds m <= kLanes values of v to row (a partial last block touches only its m elements).
@@ -294,16 +294,18 @@ MM_HD void add_to_row(float* row, Vec v, int m) {
   std::memcpy(row, &cur, m * sizeof(float));
 }
 
-// One direction's d(x_dbl) rows (dxd, (R+2N, L)) from the lane terms of scan_dir_grad: row r < R gets
-// sum_j w[j, r] ddt_j (the dt projection's backward), rows R + c the sum over lanes of dbc term c. The
-// lanes are summed in order 0..15 (fixed, so the result is the same for any thread count).
-MM_CPU_VEC void reduce_lanes(const float* __restrict__ ddt_il, const float* __restrict__ dbc_il, const DirLanes& q,
-                             int64_t L, int R, int N, float* __restrict__ dxd) {
+// One direction's d(x_dbl) rows (dxd, (R+2N, L)) from the lane terms scan_dir_grad left in rec: row
+// r < R gets sum_j w[j, r] ddt_j (the dt projection's backward), rows R + n and R + N + n the sums over
+// lanes of the dB and dC terms. The lanes are summed in order 0..15 (fixed, so the result is the same
+// for any thread count).
+MM_CPU_VEC void reduce_lanes(const float* __restrict__ rec, const DirLanes& q, int64_t L, int R, int N,
+                             float* __restrict__ dxd) {
+  const int S = rec_size(N);
   for (int64_t l0 = 0; l0 < L; l0 += kLanes) {
     const int m = int(std::min<int64_t>(kLanes, L - l0));
     Vec v[kLanes];
 #pragma GCC unroll 16
-    for (int i = 0; i < kLanes; ++i) v[i] = vload(ddt_il + (l0 + i) * kLanes);
+    for (int i = 0; i < kLanes; ++i) v[i] = vload(rec + (l0 + i) * S * kLanes);
     transpose16(v);  // v[j]: lane j's ddt at positions l0..l0+15
     for (int r = 0; r < R; ++r) {
       Vec s = {};
@@ -312,8 +314,9 @@ MM_CPU_VEC void reduce_lanes(const float* __restrict__ ddt_il, const float* __re
       add_to_row(dxd + r * L + l0, s, m);
     }
     for (int c = 0; c < 2 * N; ++c) {
+      const int slot = c < N ? 2 + N + c : 2 + (c - N);  // dB_c, then dC_{c-N}
 #pragma GCC unroll 16
-      for (int i = 0; i < kLanes; ++i) v[i] = vload(dbc_il + ((l0 + i) * 2 * N + c) * kLanes);
+      for (int i = 0; i < kLanes; ++i) v[i] = vload(rec + ((l0 + i) * S + slot) * kLanes);
       transpose16(v);
       Vec s = {};
 #pragma GCC unroll 16
@@ -557,9 +560,9 @@ void bwd_cpu(const BwdParams& p) {
   const int64_t groups = (D + kLanes - 1) / kLanes;
   const std::vector<int32_t> perm = direction_permutations(p.height, p.width);
   at::parallel_for(0, int64_t(p.batch) * kCpuChannelChunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf((5 + 2 * N + rec_size(N)) * kLanes * Lp);
+    std::vector<float> buf((4 + rec_size(N)) * kLanes * Lp);
     float *rows = buf.data(), *u_il = rows + kLanes * Lp, *g_il = u_il + kLanes * Lp, *du_il = g_il + kLanes * Lp;
-    float *ddt_il = du_il + kLanes * Lp, *dbc_il = ddt_il + kLanes * Lp, *rec = dbc_il + 2 * N * kLanes * Lp;
+    float* rec = du_il + kLanes * Lp;
     DirLanes q;
     DirLaneGrads acc;
     for (int64_t task = begin; task < end; ++task) {
@@ -586,8 +589,8 @@ void bwd_cpu(const BwdParams& p) {
           for (int r = 0; r < R; ++r) acc.w[r] = Vec{};
           for (int n = 0; n < N; ++n) acc.A[n] = Vec{};
           acc.bias = Vec{};
-          scan_dir_bwd(pk, xd, q, u_il, g_il, rec, L, R, N, du_il, ddt_il, dbc_il, acc);
-          reduce_lanes(ddt_il, dbc_il, q, L, R, N, dxd_chunk + k * C * L);
+          scan_dir_bwd(pk, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
+          reduce_lanes(rec, q, L, R, N, dxd_chunk + k * C * L);
           for (int j = 0; j < lanes; ++j) {
             const int64_t part = (b * kDirections + k) * D + d0 + j;  // index into the (B, K, D, ...) partials
             for (int r = 0; r < R; ++r) p.ddt_w_part[part * R + r] = acc.w[r][j];
