@@ -4,8 +4,8 @@
 //   mm_exp, mm_log1p, mm_sigmoid        fast intrinsics on the GPU, branch-free polynomials
 //                                       on the host (vectorisable)
 // The functions cross_selective_scan uses are templates on the value type: float everywhere, and on the
-// CPU also f32x16, 16 floats in one SIMD register (GCC vector extension), so that the CPU kernels run
-// the very same lines on 16 channels at once.
+// CPU also f32x16 / f32x8 / f32x4, one SIMD register of AVX-512 / AVX2 / SSE (GCC vector extension),
+// so that the CPU kernels run the very same lines on 16 / 8 / 4 channels at once.
 //   softplus / softplus_grad            mamba's threshold: x > 20 -> x
 //   mm_log1p_unit, softplus_stable      log1p on [0, 1]; softplus as max(x,0) + log1p(exp(-|x|)),
 //                                       optionally with its slope from the same exp
@@ -27,6 +27,10 @@ namespace memorymamba {
 #if !defined(__CUDACC__) && defined(__GNUC__)
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int i32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int i32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int i32x4 __attribute__((vector_size(16)));
 #define MM_HAVE_F32X16 1
 #endif
 
@@ -39,6 +43,10 @@ MM_HOST_INLINE float from_bits(int i) { return std::bit_cast<float>(i); }
 #ifdef MM_HAVE_F32X16
 MM_HOST_INLINE i32x16 to_int(f32x16 x) { return __builtin_convertvector(x, i32x16); }
 MM_HOST_INLINE f32x16 from_bits(i32x16 i) { return std::bit_cast<f32x16>(i); }
+MM_HOST_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
+MM_HOST_INLINE f32x8 from_bits(i32x8 i) { return std::bit_cast<f32x8>(i); }
+MM_HOST_INLINE i32x4 to_int(f32x4 x) { return __builtin_convertvector(x, i32x4); }
+MM_HOST_INLINE f32x4 from_bits(i32x4 i) { return std::bit_cast<f32x4>(i); }
 #endif
 
 // Branch-free Cephes-style exp/log (about 1 ulp in the ranges the scan uses) so that the CPU

@@ -1,26 +1,30 @@
 // Fused cross-direction selective scan: input checks, the CPU kernels, and the Python bindings.
 //
-// CPU forward: one task per (batch, group of kLanes = 16 channels) runs all four directions, so the
+// CPU forward: one task per (batch, group of kLanes channels) runs all four directions, so the
 // cross-merge is a sum in a private fp32 block and y is written once. CPU backward: one task per
 // (batch, channel chunk) runs its channel groups in order, all four directions each, so du is
 // written once per channel and the chunk's share of d(x_dbl) (a reduction over channels) has one
 // fixed summation order; the kCpuChannelChunks partials are summed in order by the caller. The chunk
 // count is a constant, not the thread count, so results are bitwise identical for any number of
-// threads. Backward recomputes the forward (no saved states): per direction a first pass keeps
-// each step's delta, slope, states and decays, then the reverse pass computes the gradients.
-// Every step runs on the 16 channels of a group at once, one per lane of an f32x16 (the MM_HD
-// arithmetic of cross_selective_scan.h instantiated for it), walking the direction's index map
-// through a precomputed permutation; per-channel data is laid out lane-interleaved, and 16x16
-// register transposes move it between that and row layout.
+// threads (on one CPU: the lane count, and so the summation order, follows its vector width).
+// Backward recomputes the forward (no saved states): per direction a first pass keeps each step's
+// delta, slope, states and decays, then the reverse pass computes the gradients.
+// Every step runs on the kLanes channels of a group at once, one per lane of a SIMD vector (16 with
+// AVX-512, 8 with AVX2, 4 otherwise; the MM_HD arithmetic of cross_selective_scan.h instantiated for
+// it), walking the direction's index map through a precomputed permutation; per-channel data is laid
+// out lane-interleaved, and square register transposes move it between that and row layout.
 // The kernels read x before the block's activation and make u = act(x + shift) wherever they load
 // it (load_u); the x_proj GEMM (proj_cpu) and the activation's backward with d(x_proj_weight)
 // (act_bwd_cpu) do the same from row / tile buffers, so u never exists as a tensor.
-// Instantiations: fwd_cpu/bwd_cpu/proj_cpu/act_bwd_cpu x 3 input dtypes; the scan and layout helpers
-// are dtype-free and cloned 3x (AVX-512, AVX2+FMA, baseline), the scans for N = 1 and any N.
+// Instantiations: fwd_cpu/bwd_cpu x 3 input dtypes x 3 vector widths, proj_cpu/act_bwd_cpu x 3 input
+// dtypes; the hot loops of each width are compiled for its instruction set (Isa<V>), the scans for
+// N = 1 and any N; the other vectorisable helpers are cloned 3x (AVX-512, AVX2+FMA, baseline).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common/registry.h"
@@ -58,89 +62,100 @@ namespace {
 
 using memorymamba::mm_dot;
 
-// Channels scanned together, one per lane of an f32x16: each step of a direction (delta from the dt
-// projection, softplus, exp, the state update and, backward, its gradients) runs on 16 channels at
-// once in registers, through the MM_HD functions of cross_selective_scan.h instantiated for f32x16.
-// Per (position, channel) only the states the backward keeps and the lane-wise gradient terms
+// Channels scanned together, one per lane of a SIMD vector V: each step of a direction (delta from the
+// dt projection, softplus, exp, the state update and, backward, its gradients) runs on kLanes<V>
+// channels at once in registers, through the MM_HD functions of cross_selective_scan.h instantiated
+// for V. Per (position, channel) only the states the backward keeps and the lane-wise gradient terms
 // go through memory; everything is laid out lane-interleaved, element (l, j) at l*kLanes + j.
-// Measured side by side (2-core dev box, B=8 D=96 56x56 N=1 R=6, 2 threads, whole op): fwd 20-24 ->
-// 11-14 ms, fwd+bwd 82 -> 40 ms against 8 channels with the per-position quantities staged in arrays
-// (whose lane-strided stores stayed scalar).
-constexpr int kLanes = 16;
-using Vec = memorymamba::f32x16;
-using VecI = memorymamba::i32x16;
-using AffineV = memorymamba::ScanPairT<Vec>;
+// V is the widest vector the CPU compares and blends natively: f32x16 with AVX-512, f32x8 with AVX2,
+// f32x4 otherwise (GCC turns a comparison on a wider vector than the ISA has into scalar code: f32x16
+// on AVX2 ran 6x slower). Measured side by side (2-core dev box, AVX-512, B=8 D=96 56x56 N=1 R=6,
+// 2 threads, whole op): fwd 20-24 -> 11-14 ms, fwd+bwd 82 -> 40 ms against 8 channels with the
+// per-position quantities staged in arrays (whose lane-strided stores stayed scalar).
+template <class V>
+constexpr int kLanes = int(sizeof(V) / sizeof(float));
+template <class V> struct IntVec;
+template <> struct IntVec<memorymamba::f32x16> { using type = memorymamba::i32x16; };
+template <> struct IntVec<memorymamba::f32x8> { using type = memorymamba::i32x8; };
+template <> struct IntVec<memorymamba::f32x4> { using type = memorymamba::i32x4; };
+template <class V>
+using AffineV = memorymamba::ScanPairT<V>;
 
-MM_HD Vec vload(const float* p) {
-  Vec v;
+template <class V>
+MM_HD V vload(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-MM_HD void vstore(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+template <class V>
+MM_HD void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Transposes a 16x16 block held in 16 registers (v[i][k] <- v[k][i]) in four butterfly stages; the
-// stage of distance d swaps the off-diagonal d x d blocks (one two-source permute per output register).
-template <int d>
-MM_HD void butterfly(Vec v[kLanes]) {
+// Transposes a kLanes x kLanes block held in kLanes registers (v[i][k] <- v[k][i]) in log2(kLanes)
+// butterfly stages; the stage of distance d swaps the off-diagonal d x d blocks (one two-source
+// permute per output register).
+template <class V, int d = kLanes<V> / 2>
+MM_HD void transpose(V v[]) {
+  constexpr int n = kLanes<V>;
   // lo lane k: v[i][k] where bit d of k is clear, else v[i|d][k-d]; hi: v[i][k+d], else v[i|d][k].
-  VecI lo, hi;
-  for (int k = 0; k < kLanes; ++k) {
-    lo[k] = (k & d) ? kLanes + k - d : k;
-    hi[k] = (k & d) ? kLanes + k : k + d;
+  typename IntVec<V>::type lo, hi;
+  for (int k = 0; k < n; ++k) {
+    lo[k] = (k & d) ? n + k - d : k;
+    hi[k] = (k & d) ? n + k : k + d;
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < kLanes; ++i)
+  for (int i = 0; i < n; ++i)
     if ((i & d) == 0) {
-      const Vec x = v[i], y = v[i | d];
+      const V x = v[i], y = v[i | d];
       v[i] = __builtin_shuffle(x, y, lo);
       v[i | d] = __builtin_shuffle(x, y, hi);
     }
-}
-MM_HD void transpose16(Vec v[kLanes]) {
-  butterfly<8>(v);
-  butterfly<4>(v);
-  butterfly<2>(v);
-  butterfly<1>(v);
+  if constexpr (d > 1) transpose<V, d / 2>(v);
 }
 
-// il[l*kLanes + j] = rows[j*ld + l] for l < Lp (a multiple of kLanes), 16x16 blocks at a time.
-MM_CPU_VEC void interleave(const float* __restrict__ rows, int64_t ld, int64_t Lp, float* __restrict__ il) {
-  for (int64_t l0 = 0; l0 < Lp; l0 += kLanes) {
-    Vec v[kLanes];
+// il[l*kLanes + j] = rows[j*ld + l] for l < Lp (a multiple of kLanes), one square block at a time.
+template <class V>
+MM_HD void interleave_impl(const float* __restrict__ rows, int64_t ld, int64_t Lp, float* __restrict__ il) {
+  constexpr int n = kLanes<V>;
+  for (int64_t l0 = 0; l0 < Lp; l0 += n) {
+    V v[n];
 #pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) v[j] = vload(rows + j * ld + l0);
-    transpose16(v);
+    for (int j = 0; j < n; ++j) v[j] = vload<V>(rows + j * ld + l0);
+    transpose(v);
 #pragma GCC unroll 16
-    for (int i = 0; i < kLanes; ++i) vstore(il + (l0 + i) * kLanes, v[i]);
+    for (int i = 0; i < n; ++i) vstore(il + (l0 + i) * n, v[i]);
   }
 }
 
 // The inverse: rows[j*ld + l] = il[l*kLanes + j].
-MM_CPU_VEC void deinterleave(const float* __restrict__ il, int64_t Lp, float* __restrict__ rows, int64_t ld) {
-  for (int64_t l0 = 0; l0 < Lp; l0 += kLanes) {
-    Vec v[kLanes];
+template <class V>
+MM_HD void deinterleave_impl(const float* __restrict__ il, int64_t Lp, float* __restrict__ rows, int64_t ld) {
+  constexpr int n = kLanes<V>;
+  for (int64_t l0 = 0; l0 < Lp; l0 += n) {
+    V v[n];
 #pragma GCC unroll 16
-    for (int i = 0; i < kLanes; ++i) v[i] = vload(il + (l0 + i) * kLanes);
-    transpose16(v);
+    for (int i = 0; i < n; ++i) v[i] = vload<V>(il + (l0 + i) * n);
+    transpose(v);
 #pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) vstore(rows + j * ld + l0, v[j]);
+    for (int j = 0; j < n; ++j) vstore(rows + j * ld + l0, v[j]);
   }
 }
 
 // One direction's parameters for the kLanes channels of a group. Lanes past the last channel hold
 // zeros: with u = g = 0 there they scan h = 0 and give exact zeros to every lane sum.
+template <class V>
 struct DirLanes {
-  Vec w[kMaxDtRank];  // dt_projs_weight[k, d, :]
-  Vec bias;
-  Vec A[kMaxDState];  // -exp(A_logs)
-  Vec D;
+  V w[kMaxDtRank];  // dt_projs_weight[k, d, :]
+  V bias;
+  V A[kMaxDState];  // -exp(A_logs)
+  V D;
 };
 
-void load_dir_lanes(const FwdParams& p, int k, int d0, int lanes, DirLanes& q) {
+template <class V>
+void load_dir_lanes(const FwdParams& p, int k, int d0, int lanes, DirLanes<V>& q) {
   const int R = p.dt_rank, N = p.dstate;
-  for (int r = 0; r < R; ++r) q.w[r] = Vec{};
-  for (int n = 0; n < N; ++n) q.A[n] = Vec{};
-  q.bias = q.D = Vec{};
+  for (int r = 0; r < R; ++r) q.w[r] = V{};
+  for (int n = 0; n < N; ++n) q.A[n] = V{};
+  q.bias = q.D = V{};
   for (int j = 0; j < lanes; ++j) {
     const int64_t kd = int64_t(k) * p.dim + d0 + j;
     for (int r = 0; r < R; ++r) q.w[r][j] = p.dt_w[kd * R + r];
@@ -152,8 +167,9 @@ void load_dir_lanes(const FwdParams& p, int k, int d0, int lanes, DirLanes& q) {
 
 // dt_raw of the lanes at spatial index l: bias + w . dts (xd: the (R+2N, L) x_dbl slice of one
 // (batch, direction), shared by all channels).
-MM_HD Vec lane_dt(const DirLanes& q, const float* __restrict__ xd, int64_t l, int64_t L, int R) {
-  Vec dt = q.bias, odd = {};  // two partial sums halve the chain of dependent FMAs
+template <class V>
+MM_HD V lane_dt(const DirLanes<V>& q, const float* __restrict__ xd, int64_t l, int64_t L, int R) {
+  V dt = q.bias, odd = {};  // two partial sums halve the chain of dependent FMAs
   int r = 0;
   for (; r + 1 < R; r += 2) {
     dt += q.w[r] * xd[r * L + l];
@@ -172,22 +188,23 @@ MM_HD int rec_size(int N) { return 2 + 2 * N; }
 // The forward recurrence of one direction, h_t = a_t h_{t-1} + b_t along its path (perm: time ->
 // spatial index), two steps per iteration. Forward (kRec false): y_il += sum_n C h_t. Backward's first
 // pass (kRec): fills rec. kN: N at compile time (1) so the states stay in registers, or 0.
-template <int kN, bool kRec>
-MM_HD void scan_dir(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes& q,
+template <class V, int kN, bool kRec>
+MM_HD void scan_dir(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes<V>& q,
                     const float* __restrict__ u_il, int64_t L, int R, int n_states, bool softplus,
                     float* __restrict__ y_il, float* __restrict__ rec) {
+  constexpr int kL = kLanes<V>;
   const int N = kN ? kN : n_states, S = rec_size(N);
-  Vec h[kN ? kN : kMaxDState] = {};
+  V h[kN ? kN : kMaxDState] = {};
   for (int64_t t = 0; t < L; t += 2) {
     // Two steps per iteration, their delta and decay computed side by side: the two independent exp
     // and log chains interleave. One step at a time, the loop was bound by the latency of those
     // chains (samples piled up along the second exp), not by the count of operations.
     const int steps = t + 1 < L ? 2 : 1;
     const int64_t ls[2] = {perm[t], perm[t + steps - 1]};
-    Vec delta[2], slope[2], a[2][kN ? kN : kMaxDState];
+    V delta[2], slope[2], a[2][kN ? kN : kMaxDState];
 #pragma GCC unroll 2
     for (int s = 0; s < 2; ++s) {
-      const Vec dt = lane_dt(q, xd, ls[s], L, R);
+      const V dt = lane_dt(q, xd, ls[s], L, R);
       delta[s] = kRec ? css_delta(dt, softplus, slope[s]) : css_delta(dt, softplus);
     }
     for (int n = 0; n < N; ++n) {
@@ -196,45 +213,47 @@ MM_HD void scan_dir(const int32_t* __restrict__ perm, const float* __restrict__ 
     }
     for (int s = 0; s < steps; ++s) {
       const int64_t l = ls[s];
-      const Vec u = vload(u_il + l * kLanes);
-      float* rl = kRec ? rec + l * S * kLanes : nullptr;  // no arithmetic on the forward's null rec
+      const V u = vload<V>(u_il + l * kL);
+      float* rl = kRec ? rec + l * S * kL : nullptr;  // no arithmetic on the forward's null rec
       if (kRec) {
         vstore(rl, delta[s]);
-        vstore(rl + kLanes, slope[s]);
+        vstore(rl + kL, slope[s]);
       }
-      Vec y = {};
+      V y = {};
       for (int n = 0; n < N; ++n) {
-        const AffineV step{a[s][n], css_input(delta[s], xd[(R + n) * L + l], u)};
-        h[n] = css_combine(AffineV{Vec{} + 1.f, h[n]}, step).b;
+        const AffineV<V> step{a[s][n], css_input(delta[s], xd[(R + n) * L + l], u)};
+        h[n] = css_combine(AffineV<V>{V{} + 1.f, h[n]}, step).b;
         if (kRec) {
-          vstore(rl + (2 + n) * kLanes, h[n]);
-          vstore(rl + (2 + N + n) * kLanes, step.a);
+          vstore(rl + (2 + n) * kL, h[n]);
+          vstore(rl + (2 + N + n) * kL, step.a);
         } else {
           y += xd[(R + N + n) * L + l] * h[n];
         }
       }
-      if (!kRec) vstore(y_il + l * kLanes, vload(y_il + l * kLanes) + y);
+      if (!kRec) vstore(y_il + l * kL, vload<V>(y_il + l * kL) + y);
     }
   }
 }
 
-MM_CPU_VEC void scan_dir_fwd(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes& q,
+template <class V>
+MM_HD void scan_dir_fwd_impl(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes<V>& q,
                              const float* __restrict__ u_il, int64_t L, int R, int N, bool softplus,
                              float* __restrict__ y_il, float* __restrict__ rec) {
   if (rec) {
-    if (N == 1) scan_dir<1, true>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
-    else scan_dir<0, true>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
+    if (N == 1) scan_dir<V, 1, true>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
+    else scan_dir<V, 0, true>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
   } else {
-    if (N == 1) scan_dir<1, false>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
-    else scan_dir<0, false>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
+    if (N == 1) scan_dir<V, 1, false>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
+    else scan_dir<V, 0, false>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);
   }
 }
 
 // Per-lane gradient sums of one direction (over positions, in time order).
+template <class V>
 struct DirLaneGrads {
-  Vec w[kMaxDtRank];
-  Vec bias;
-  Vec A[kMaxDState];
+  V w[kMaxDtRank];
+  V bias;
+  V A[kMaxDState];
 };
 
 // The reverse pass of one direction, from the first pass's rec: dh_t = C_t g_t + a_{t+1} dh_{t+1} and
@@ -242,53 +261,56 @@ struct DirLaneGrads {
 // the lanes go into rec in place of what step t no longer needs (later steps read only h_{t-1}, at
 // another position), which keeps the working set in the L2 cache at 56x56: slot 0 <- d dt_raw,
 // 2 + n <- the dC terms, 2 + N + n <- the dB terms.
-template <int kN>
-MM_HD void scan_dir_grad(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes& q,
+template <class V, int kN>
+MM_HD void scan_dir_grad(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes<V>& q,
                          const float* __restrict__ u_il, const float* __restrict__ g_il,
                          float* __restrict__ rec, int64_t L, int R, int n_states, float* __restrict__ du_il,
-                         DirLaneGrads& acc) {
+                         DirLaneGrads<V>& acc) {
+  constexpr int kL = kLanes<V>;
   const int N = kN ? kN : n_states, S = rec_size(N);
-  Vec e[kN ? kN : kMaxDState] = {};  // a_{t+1} dh_{t+1}: the gradient reaching h_t from later steps
+  V e[kN ? kN : kMaxDState] = {};  // a_{t+1} dh_{t+1}: the gradient reaching h_t from later steps
   for (int64_t t = L - 1; t >= 0; --t) {
     const int64_t l = perm[t];
-    float* rl = rec + l * S * kLanes;
-    const float* rp = t > 0 ? rec + perm[t - 1] * S * kLanes : nullptr;  // step t-1: h_{t-1}
-    const Vec delta = vload(rl);
-    const Vec u = vload(u_il + l * kLanes), g = vload(g_il + l * kLanes);
-    Vec ddelta = {}, du = q.D * g;
+    float* rl = rec + l * S * kL;
+    const float* rp = t > 0 ? rec + perm[t - 1] * S * kL : nullptr;  // step t-1: h_{t-1}
+    const V delta = vload<V>(rl);
+    const V u = vload<V>(u_il + l * kL), g = vload<V>(g_il + l * kL);
+    V ddelta = {}, du = q.D * g;
     for (int n = 0; n < N; ++n) {
       const float Bn = xd[(R + n) * L + l], Cn = xd[(R + N + n) * L + l];
-      const Vec a = vload(rl + (2 + N + n) * kLanes);
-      const Vec h_prev = rp ? vload(rp + (2 + n) * kLanes) : Vec{};
-      const Vec dh = Cn * g + e[n];
-      const Vec dC = g * vload(rl + (2 + n) * kLanes);
-      vstore(rl + (2 + N + n) * kLanes, css_step_bwd(dh, h_prev, a, delta, q.A[n], Bn, u, ddelta, du, acc.A[n]));
-      vstore(rl + (2 + n) * kLanes, dC);
+      const V a = vload<V>(rl + (2 + N + n) * kL);
+      const V h_prev = rp ? vload<V>(rp + (2 + n) * kL) : V{};
+      const V dh = Cn * g + e[n];
+      const V dC = g * vload<V>(rl + (2 + n) * kL);
+      vstore(rl + (2 + N + n) * kL, css_step_bwd(dh, h_prev, a, delta, q.A[n], Bn, u, ddelta, du, acc.A[n]));
+      vstore(rl + (2 + n) * kL, dC);
       e[n] = a * dh;
     }
-    const Vec ddt = ddelta * vload(rl + kLanes);
+    const V ddt = ddelta * vload<V>(rl + kL);
     for (int r = 0; r < R; ++r) acc.w[r] += ddt * xd[r * L + l];
     acc.bias += ddt;
     vstore(rl, ddt);
-    vstore(du_il + l * kLanes, vload(du_il + l * kLanes) + du);
+    vstore(du_il + l * kL, vload<V>(du_il + l * kL) + du);
   }
 }
 
-MM_CPU_VEC void scan_dir_bwd(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes& q,
+template <class V>
+MM_HD void scan_dir_bwd_impl(const int32_t* __restrict__ perm, const float* __restrict__ xd, const DirLanes<V>& q,
                              const float* __restrict__ u_il, const float* __restrict__ g_il,
                              float* __restrict__ rec, int64_t L, int R, int N, float* __restrict__ du_il,
-                             DirLaneGrads& acc) {
-  if (N == 1) scan_dir_grad<1>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
-  else scan_dir_grad<0>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
+                             DirLaneGrads<V>& acc) {
+  if (N == 1) scan_dir_grad<V, 1>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
+  else scan_dir_grad<V, 0>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
 }
 
 // Adds m <= kLanes values of v to row (a partial last block touches only its m elements).
-MM_HD void add_to_row(float* row, Vec v, int m) {
-  if (m == kLanes) {
-    vstore(row, vload(row) + v);
+template <class V>
+MM_HD void add_to_row(float* row, V v, int m) {
+  if (m == kLanes<V>) {
+    vstore(row, vload<V>(row) + v);
     return;
   }
-  Vec cur{};
+  V cur{};
   std::memcpy(&cur, row, m * sizeof(float));
   cur += v;
   std::memcpy(row, &cur, m * sizeof(float));
@@ -298,29 +320,31 @@ MM_HD void add_to_row(float* row, Vec v, int m) {
 // r < R gets sum_j w[j, r] ddt_j (the dt projection's backward), rows R + n and R + N + n the sums over
 // lanes of the dB and dC terms. The lanes are summed in order 0..15 (fixed, so the result is the same
 // for any thread count).
-MM_CPU_VEC void reduce_lanes(const float* __restrict__ rec, const DirLanes& q, int64_t L, int R, int N,
+template <class V>
+MM_HD void reduce_lanes_impl(const float* __restrict__ rec, const DirLanes<V>& q, int64_t L, int R, int N,
                              float* __restrict__ dxd) {
+  constexpr int kL = kLanes<V>;
   const int S = rec_size(N);
-  for (int64_t l0 = 0; l0 < L; l0 += kLanes) {
-    const int m = int(std::min<int64_t>(kLanes, L - l0));
-    Vec v[kLanes];
+  for (int64_t l0 = 0; l0 < L; l0 += kL) {
+    const int m = int(std::min<int64_t>(kL, L - l0));
+    V v[kL];
 #pragma GCC unroll 16
-    for (int i = 0; i < kLanes; ++i) v[i] = vload(rec + (l0 + i) * S * kLanes);
-    transpose16(v);  // v[j]: lane j's ddt at positions l0..l0+15
+    for (int i = 0; i < kL; ++i) v[i] = vload<V>(rec + (l0 + i) * S * kL);
+    transpose(v);  // v[j]: lane j's ddt at positions l0..l0+kL-1
     for (int r = 0; r < R; ++r) {
-      Vec s = {};
+      V s = {};
 #pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) s += q.w[r][j] * v[j];
+      for (int j = 0; j < kL; ++j) s += q.w[r][j] * v[j];
       add_to_row(dxd + r * L + l0, s, m);
     }
     for (int c = 0; c < 2 * N; ++c) {
       const int slot = c < N ? 2 + N + c : 2 + (c - N);  // dB_c, then dC_{c-N}
 #pragma GCC unroll 16
-      for (int i = 0; i < kLanes; ++i) v[i] = vload(rec + ((l0 + i) * S + slot) * kLanes);
-      transpose16(v);
-      Vec s = {};
+      for (int i = 0; i < kL; ++i) v[i] = vload<V>(rec + ((l0 + i) * S + slot) * kL);
+      transpose(v);
+      V s = {};
 #pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) s += v[j];
+      for (int j = 0; j < kL; ++j) s += v[j];
       add_to_row(dxd + (R + c) * L + l0, s, m);
     }
   }
@@ -499,48 +523,83 @@ void act_bwd_cpu(const ActBwdParams& p) {
   });
 }
 
+// The hot loops of one vector width V, each compiled for the instruction set that has V natively
+// (the MM_HD bodies above are inlined into these).
+template <class V> struct Isa;
+#define MM_CSS_ISA(V, TARGET)                                                                         \
+  template <> struct Isa<V> {                                                                          \
+    TARGET static void interleave(const float* rows, int64_t ld, int64_t Lp, float* il) {             \
+      interleave_impl<V>(rows, ld, Lp, il);                                                            \
+    }                                                                                                  \
+    TARGET static void deinterleave(const float* il, int64_t Lp, float* rows, int64_t ld) {           \
+      deinterleave_impl<V>(il, Lp, rows, ld);                                                          \
+    }                                                                                                  \
+    TARGET static void scan_dir_fwd(const int32_t* perm, const float* xd, const DirLanes<V>& q,        \
+                                    const float* u_il, int64_t L, int R, int N, bool softplus,         \
+                                    float* y_il, float* rec) {                                         \
+      scan_dir_fwd_impl<V>(perm, xd, q, u_il, L, R, N, softplus, y_il, rec);                           \
+    }                                                                                                  \
+    TARGET static void scan_dir_bwd(const int32_t* perm, const float* xd, const DirLanes<V>& q,        \
+                                    const float* u_il, const float* g_il, float* rec, int64_t L, int R, \
+                                    int N, float* du_il, DirLaneGrads<V>& acc) {                       \
+      scan_dir_bwd_impl<V>(perm, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);                         \
+    }                                                                                                  \
+    TARGET static void reduce_lanes(const float* rec, const DirLanes<V>& q, int64_t L, int R, int N,  \
+                                    float* dxd) {                                                      \
+      reduce_lanes_impl<V>(rec, q, L, R, N, dxd);                                                      \
+    }                                                                                                  \
+  };
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+MM_CSS_ISA(memorymamba::f32x16, __attribute__((target("arch=x86-64-v4"))))
+MM_CSS_ISA(memorymamba::f32x8, __attribute__((target("arch=x86-64-v3"))))
+#endif
+MM_CSS_ISA(memorymamba::f32x4, )
+#undef MM_CSS_ISA
+
 // u of the lanes of group (b, d0) (lanes past D: zeros), lane-interleaved into u_il; rows: kLanes x Lp
 // staging, Lp = L rounded up to kLanes.
-template <typename T>
+template <typename T, class V>
 void load_u_lanes(const ActParams& p, int64_t b, int d0, int lanes, int64_t Lp, float* rows, float* u_il) {
   const int64_t L = p.seqlen;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < kLanes<V>; ++j) {
     float* row = rows + j * Lp;
     if (j < lanes) load_u<T>(p, b, d0 + j, row);
     std::fill(row + (j < lanes ? L : 0), row + Lp, 0.f);
   }
-  interleave(rows, Lp, Lp, u_il);
+  Isa<V>::interleave(rows, Lp, Lp, u_il);
 }
 
-int64_t round_to_lanes(int64_t L) { return (L + kLanes - 1) / kLanes * kLanes; }
+template <class V>
+int64_t round_to_lanes(int64_t L) { return (L + kLanes<V> - 1) / kLanes<V> * kLanes<V>; }
 
 // Tasks: (batch, group of kLanes channels); each runs its channels through all four directions,
 // accumulating the cross-merge in a private row block, and writes its y rows once.
-template <typename T>
+template <typename T, class V>
 void fwd_cpu(const FwdParams& p) {
+  constexpr int kL = kLanes<V>;
   const int D = p.dim, R = p.dt_rank, N = p.dstate;
-  const int64_t L = p.seqlen, C = R + 2 * N, Lp = round_to_lanes(L);
-  const int64_t groups = (D + kLanes - 1) / kLanes;
+  const int64_t L = p.seqlen, C = R + 2 * N, Lp = round_to_lanes<V>(L);
+  const int64_t groups = (D + kL - 1) / kL;
   const std::vector<int32_t> perm = direction_permutations(p.height, p.width);
   T* y = static_cast<T*>(p.y);
   at::parallel_for(0, int64_t(p.batch) * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(3 * kLanes * Lp);
-    float *rows = buf.data(), *u_il = rows + kLanes * Lp, *y_il = u_il + kLanes * Lp;
-    DirLanes q;
+    std::vector<float> buf(3 * kL * Lp);
+    float *rows = buf.data(), *u_il = rows + kL * Lp, *y_il = u_il + kL * Lp;
+    DirLanes<V> q;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / groups;
-      const int d0 = int(task % groups) * kLanes, lanes = std::min(kLanes, D - d0);
-      load_u_lanes<T>(p, b, d0, lanes, Lp, rows, u_il);
-      Vec Dsum = {};
+      const int d0 = int(task % groups) * kL, lanes = std::min(kL, D - d0);
+      load_u_lanes<T, V>(p, b, d0, lanes, Lp, rows, u_il);
+      V Dsum = {};
       for (int j = 0; j < lanes; ++j)
         for (int k = 0; k < kDirections; ++k) Dsum[j] += p.Ds[k * D + d0 + j];
-      for (int64_t l = 0; l < Lp; ++l) vstore(y_il + l * kLanes, Dsum * vload(u_il + l * kLanes));
+      for (int64_t l = 0; l < Lp; ++l) vstore(y_il + l * kL, Dsum * vload<V>(u_il + l * kL));
       for (int k = 0; k < kDirections; ++k) {
         load_dir_lanes(p, k, d0, lanes, q);
-        scan_dir_fwd(perm.data() + k * L, p.xdbl + (b * kDirections + k) * C * L, q, u_il, L, R, N,
-                     p.delta_softplus, y_il, nullptr);
+        Isa<V>::scan_dir_fwd(perm.data() + k * L, p.xdbl + (b * kDirections + k) * C * L, q, u_il, L, R, N,
+                             p.delta_softplus, y_il, nullptr);
       }
-      deinterleave(y_il, Lp, rows, Lp);
+      Isa<V>::deinterleave(y_il, Lp, rows, Lp);
       for (int j = 0; j < lanes; ++j) {
         T* yrow = y + (b * D + d0 + j) * L;
         for (int64_t l = 0; l < L; ++l) yrow[l] = static_cast<T>(rows[j * Lp + l]);
@@ -553,44 +612,45 @@ void fwd_cpu(const FwdParams& p) {
 // and runs them in order, all four directions each (the forward recomputed, its states kept per
 // direction), so du is written once per channel and the chunk's d(x_dbl) partial has one fixed
 // summation order.
-template <typename T>
+template <typename T, class V>
 void bwd_cpu(const BwdParams& p) {
+  constexpr int kL = kLanes<V>;
   const int D = p.dim, R = p.dt_rank, N = p.dstate;
-  const int64_t L = p.seqlen, C = R + 2 * N, Lp = round_to_lanes(L);
-  const int64_t groups = (D + kLanes - 1) / kLanes;
+  const int64_t L = p.seqlen, C = R + 2 * N, Lp = round_to_lanes<V>(L);
+  const int64_t groups = (D + kL - 1) / kL;
   const std::vector<int32_t> perm = direction_permutations(p.height, p.width);
   at::parallel_for(0, int64_t(p.batch) * kCpuChannelChunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf((4 + rec_size(N)) * kLanes * Lp);
-    float *rows = buf.data(), *u_il = rows + kLanes * Lp, *g_il = u_il + kLanes * Lp, *du_il = g_il + kLanes * Lp;
-    float* rec = du_il + kLanes * Lp;
-    DirLanes q;
-    DirLaneGrads acc;
+    std::vector<float> buf((4 + rec_size(N)) * kL * Lp);
+    float *rows = buf.data(), *u_il = rows + kL * Lp, *g_il = u_il + kL * Lp, *du_il = g_il + kL * Lp;
+    float* rec = du_il + kL * Lp;
+    DirLanes<V> q;
+    DirLaneGrads<V> acc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kCpuChannelChunks, chunk = task % kCpuChannelChunks;
       float* dxd_chunk = p.dxdbl + task * kDirections * C * L;  // (K, C, L) partial of this chunk
       std::fill(dxd_chunk, dxd_chunk + kDirections * C * L, 0.f);
       for (int64_t grp = chunk * groups / kCpuChannelChunks; grp < (chunk + 1) * groups / kCpuChannelChunks; ++grp) {
-        const int d0 = int(grp) * kLanes, lanes = std::min(kLanes, D - d0);
-        load_u_lanes<T>(p, b, d0, lanes, Lp, rows, u_il);
-        for (int j = 0; j < kLanes; ++j) {
+        const int d0 = int(grp) * kL, lanes = std::min(kL, D - d0);
+        load_u_lanes<T, V>(p, b, d0, lanes, Lp, rows, u_il);
+        for (int j = 0; j < kL; ++j) {
           float* row = rows + j * Lp;
           if (j < lanes) std::copy(p.dy + (b * D + d0 + j) * L, p.dy + (b * D + d0 + j + 1) * L, row);
           std::fill(row + (j < lanes ? L : 0), row + Lp, 0.f);
         }
-        interleave(rows, Lp, Lp, g_il);
-        Vec dD = {};  // d Ds = sum_l g u, the same for every direction
-        for (int64_t l = 0; l < L; ++l) dD += vload(g_il + l * kLanes) * vload(u_il + l * kLanes);
-        std::fill(du_il, du_il + kLanes * Lp, 0.f);
+        Isa<V>::interleave(rows, Lp, Lp, g_il);
+        V dD = {};  // d Ds = sum_l g u, the same for every direction
+        for (int64_t l = 0; l < L; ++l) dD += vload<V>(g_il + l * kL) * vload<V>(u_il + l * kL);
+        std::fill(du_il, du_il + kL * Lp, 0.f);
         for (int k = 0; k < kDirections; ++k) {
           const float* xd = p.xdbl + (b * kDirections + k) * C * L;
           const int32_t* pk = perm.data() + k * L;
           load_dir_lanes(p, k, d0, lanes, q);
-          scan_dir_fwd(pk, xd, q, u_il, L, R, N, p.delta_softplus, nullptr, rec);
-          for (int r = 0; r < R; ++r) acc.w[r] = Vec{};
-          for (int n = 0; n < N; ++n) acc.A[n] = Vec{};
-          acc.bias = Vec{};
-          scan_dir_bwd(pk, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
-          reduce_lanes(rec, q, L, R, N, dxd_chunk + k * C * L);
+          Isa<V>::scan_dir_fwd(pk, xd, q, u_il, L, R, N, p.delta_softplus, nullptr, rec);
+          for (int r = 0; r < R; ++r) acc.w[r] = V{};
+          for (int n = 0; n < N; ++n) acc.A[n] = V{};
+          acc.bias = V{};
+          Isa<V>::scan_dir_bwd(pk, xd, q, u_il, g_il, rec, L, R, N, du_il, acc);
+          Isa<V>::reduce_lanes(rec, q, L, R, N, dxd_chunk + k * C * L);
           for (int j = 0; j < lanes; ++j) {
             const int64_t part = (b * kDirections + k) * D + d0 + j;  // index into the (B, K, D, ...) partials
             for (int r = 0; r < R; ++r) p.ddt_w_part[part * R + r] = acc.w[r][j];
@@ -599,12 +659,44 @@ void bwd_cpu(const BwdParams& p) {
             p.dDs_part[part] = dD[j];
           }
         }
-        deinterleave(du_il, Lp, rows, Lp);
+        Isa<V>::deinterleave(du_il, Lp, rows, Lp);
         for (int j = 0; j < lanes; ++j)
           std::copy(rows + j * Lp, rows + j * Lp + L, p.du + (b * D + d0 + j) * L);
       }
     }
   });
+}
+
+// Which vector width the scan kernels run: the widest the CPU has, or MEMORYMAMBA_CPU_ISA
+// (avx512 | avx2 | baseline) to run a narrower one (the tests run all three).
+enum class CpuIsa { kAvx512, kAvx2, kBaseline };
+CpuIsa cpu_isa() {
+  CpuIsa best = CpuIsa::kBaseline;
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) best = CpuIsa::kAvx512;
+  else if (__builtin_cpu_supports("x86-64-v3")) best = CpuIsa::kAvx2;
+#endif
+  const char* env = std::getenv("MEMORYMAMBA_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best;
+  const std::string want(env);
+  MM_CHECK(want == "avx512" || want == "avx2" || want == "baseline",
+           "MEMORYMAMBA_CPU_ISA must be avx512, avx2 or baseline, got '", want, "'");
+  const CpuIsa asked = want == "avx512" ? CpuIsa::kAvx512 : want == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
+  MM_CHECK(int(asked) >= int(best), "MEMORYMAMBA_CPU_ISA=", want, " asks for more than this CPU has");
+  return asked;
+}
+
+// Runs f.template operator()<V>() for the vector type of cpu_isa().
+template <class F>
+void with_cpu_vector(F&& f) {
+  switch (cpu_isa()) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    case CpuIsa::kAvx512: return f.template operator()<memorymamba::f32x16>();
+    case CpuIsa::kAvx2: return f.template operator()<memorymamba::f32x8>();
+#endif
+    default: return f.template operator()<memorymamba::f32x4>();
+  }
 }
 
 // ---- checks shared by both devices ---------------------------------------------------------------
@@ -696,7 +788,7 @@ void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
 #endif
   }
   MM_DISPATCH_FLOAT_TYPES(x.scalar_type(), scalar_t, "cross_selective_scan_fwd: x",
-                                  [&] { fwd_cpu<scalar_t>(p); });
+                                  [&] { with_cpu_vector([&]<class V>() { fwd_cpu<scalar_t, V>(p); }); });
 }
 
 // Outputs (fp32, allocated by the caller, fully overwritten):
@@ -752,7 +844,7 @@ void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
 #endif
   }
   MM_DISPATCH_FLOAT_TYPES(x.scalar_type(), scalar_t, "cross_selective_scan_bwd: x",
-                                  [&] { bwd_cpu<scalar_t>(p); });
+                                  [&] { with_cpu_vector([&]<class V>() { bwd_cpu<scalar_t, V>(p); }); });
 }
 
 // x_dbl (B, rows, L) fp32 = w (rows, D) @ act(x + x_shift) (+ w_bias (rows,)), fully overwritten.
