@@ -27,6 +27,10 @@ def _extension_lines() -> list[str]:
         lines.append(f"  CUDA kernels: built for archs {_C.cuda_archs or '(unknown)'}")
     else:
         lines.append("  CUDA kernels: not built (CPU kernels only)")
+    try:
+        lines.append(f"  CPU scan kernels: {_C.css_cpu_vector()}")
+    except RuntimeError as e:  # a bad MEMORYMAMBA_CPU_ISA: say so here, the kernels raise the same
+        lines.append(f"  CPU scan kernels: {str(e).splitlines()[0]}")
     if hasattr(_C, "selective_scan_chunk_size"):
         lines.append(f"  selective_scan: chunk {_C.selective_scan_chunk_size} positions, "
                      f"N <= {_C.selective_scan_max_dstate}")

@@ -53,3 +53,9 @@ def test_info_mentions_each_backend():
         reason = unavailable_reason(backend)
         assert f"  {backend}: " + ("available" if reason is None else f"unavailable: {reason}") in text
     assert "built against torch" in text and "CUDA kernels:" in text
+    assert f"CPU scan kernels: {_extension().css_cpu_vector()}" in text
+
+
+def test_info_names_the_forced_cpu_vector_build(monkeypatch):
+    monkeypatch.setenv("MEMORYMAMBA_CPU_ISA", "baseline")
+    assert _extension().css_cpu_vector() == "baseline (4 channels per step)"

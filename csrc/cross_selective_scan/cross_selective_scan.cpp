@@ -687,6 +687,15 @@ CpuIsa cpu_isa() {
   return asked;
 }
 
+// What `memorymamba info` prints: the build the CPU kernels run and its lane count.
+std::string cpu_vector_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return "avx512 (16 channels per step)";
+    case CpuIsa::kAvx2: return "avx2 (8 channels per step)";
+    default: return "baseline (4 channels per step)";
+  }
+}
+
 // Runs f.template operator()<V>() for the vector type of cpu_isa().
 template <class F>
 void with_cpu_vector(F&& f) {
@@ -935,6 +944,8 @@ void bind_cross_selective_scan(pybind11::module_& m) {
   m.attr("css_max_dstate") = css::kMaxDState;
   m.attr("css_max_dt_rank") = css::kMaxDtRank;
   m.attr("css_cpu_channel_chunks") = css::kCpuChannelChunks;
+  m.def("css_cpu_vector", &css::cpu_vector_name,
+        "the vector build the CPU scan kernels run (MEMORYMAMBA_CPU_ISA may pick a narrower one)");
 #ifdef MEMORYMAMBA_WITH_CUDA
   m.attr("css_cuda_segment_len") = css::cuda_segment_len();
 #endif
