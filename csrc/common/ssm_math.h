@@ -3,9 +3,6 @@
 // What is here (all fp32, all MM_HD):
 //   mm_exp, mm_log1p, mm_sigmoid        fast intrinsics on the GPU, branch-free polynomials
 //                                       on the host (vectorisable)
-// The functions cross_selective_scan uses are templates on the value type: float everywhere, and on the
-// CPU also f32x16 / f32x8 / f32x4, one SIMD register of AVX-512 / AVX2 / SSE (GCC vector extension),
-// so that the CPU kernels run the very same lines on 16 / 8 / 4 channels at once.
 //   softplus / softplus_grad            mamba's threshold: x > 20 -> x
 //   mm_log1p_unit, softplus_stable      log1p on [0, 1]; softplus as max(x,0) + log1p(exp(-|x|)),
 //                                       optionally with its slope from the same exp
@@ -14,7 +11,10 @@
 //                                       associative operator (also used reversed for grads)
 //   discretise                          (exp(delta*A), delta*B*u) for one element
 //   StepGrad, step_grad                 per-element gradients of one recurrence step
-// cross_selective_scan includes this header too: keep the names stable.
+// cross_selective_scan includes this header too: keep the names stable. The functions it uses are
+// templates on the value type: float everywhere, and on the CPU also f32x16 / f32x8 / f32x4, one SIMD
+// register of AVX-512 / AVX2 / SSE (GCC vector extension), so that its CPU kernels run the very same
+// lines on 16 / 8 / 4 channels at once.
 #pragma once
 
 #include <bit>
@@ -31,16 +31,16 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef int i32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int i32x4 __attribute__((vector_size(16)));
-#define MM_HAVE_F32X16 1
+#define MM_HAVE_SIMD_VECTORS 1
 #endif
 
 #if !defined(__CUDA_ARCH__)
 namespace host {
 #define MM_HOST_INLINE inline __attribute__((always_inline))
-// float -> int (truncating) and int bits -> float, for scalars and f32x16.
+// float -> int (truncating) and int bits -> float, for scalars and the SIMD vectors.
 MM_HOST_INLINE int to_int(float x) { return static_cast<int>(x); }
 MM_HOST_INLINE float from_bits(int i) { return std::bit_cast<float>(i); }
-#ifdef MM_HAVE_F32X16
+#ifdef MM_HAVE_SIMD_VECTORS
 MM_HOST_INLINE i32x16 to_int(f32x16 x) { return __builtin_convertvector(x, i32x16); }
 MM_HOST_INLINE f32x16 from_bits(i32x16 i) { return std::bit_cast<f32x16>(i); }
 MM_HOST_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
