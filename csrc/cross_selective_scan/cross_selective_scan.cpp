@@ -556,17 +556,23 @@ MM_CSS_ISA(memorymamba::f32x8, __attribute__((target("arch=x86-64-v3"))))
 MM_CSS_ISA(memorymamba::f32x4, )
 #undef MM_CSS_ISA
 
-// u of the lanes of group (b, d0) (lanes past D: zeros), lane-interleaved into u_il; rows: kLanes x Lp
-// staging, Lp = L rounded up to kLanes.
-template <typename T, class V>
-void load_u_lanes(const ActParams& p, int64_t b, int d0, int lanes, int64_t Lp, float* rows, float* u_il) {
-  const int64_t L = p.seqlen;
+// One row of L floats per lane, written by fill_row(j, row) for the lanes j < lanes (zeros in the
+// other lanes and past L), lane-interleaved into il; rows: kLanes x Lp staging, Lp = L rounded up to
+// kLanes.
+template <class V, class FillRow>
+void stage_lanes(int lanes, int64_t L, int64_t Lp, float* rows, float* il, FillRow&& fill_row) {
   for (int j = 0; j < kLanes<V>; ++j) {
     float* row = rows + j * Lp;
-    if (j < lanes) load_u<T>(p, b, d0 + j, row);
+    if (j < lanes) fill_row(j, row);
     std::fill(row + (j < lanes ? L : 0), row + Lp, 0.f);
   }
-  Isa<V>::interleave(rows, Lp, Lp, u_il);
+  Isa<V>::interleave(rows, Lp, Lp, il);
+}
+
+// u of the lanes of group (b, d0) (lanes past D: zeros), lane-interleaved into u_il.
+template <typename T, class V>
+void load_u_lanes(const ActParams& p, int64_t b, int d0, int lanes, int64_t Lp, float* rows, float* u_il) {
+  stage_lanes<V>(lanes, p.seqlen, Lp, rows, u_il, [&](int j, float* row) { load_u<T>(p, b, d0 + j, row); });
 }
 
 template <class V>
@@ -632,12 +638,10 @@ void bwd_cpu(const BwdParams& p) {
       for (int64_t grp = chunk * groups / kCpuChannelChunks; grp < (chunk + 1) * groups / kCpuChannelChunks; ++grp) {
         const int d0 = int(grp) * kL, lanes = std::min(kL, D - d0);
         load_u_lanes<T, V>(p, b, d0, lanes, Lp, rows, u_il);
-        for (int j = 0; j < kL; ++j) {
-          float* row = rows + j * Lp;
-          if (j < lanes) std::copy(p.dy + (b * D + d0 + j) * L, p.dy + (b * D + d0 + j + 1) * L, row);
-          std::fill(row + (j < lanes ? L : 0), row + Lp, 0.f);
-        }
-        Isa<V>::interleave(rows, Lp, Lp, g_il);
+        stage_lanes<V>(lanes, L, Lp, rows, g_il, [&](int j, float* row) {
+          const float* g = p.dy + (b * D + d0 + j) * L;
+          std::copy(g, g + L, row);
+        });
         V dD = {};  // d Ds = sum_l g u, the same for every direction
         for (int64_t l = 0; l < L; ++l) dD += vload<V>(g_il + l * kL) * vload<V>(u_il + l * kL);
         std::fill(du_il, du_il + kL * Lp, 0.f);
