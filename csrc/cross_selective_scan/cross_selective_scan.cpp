@@ -22,7 +22,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -671,25 +670,9 @@ void bwd_cpu(const BwdParams& p) {
   });
 }
 
-// Which vector width the scan kernels run: the widest the CPU has, or MEMORYMAMBA_CPU_ISA
-// (avx512 | avx2 | baseline) to run a narrower one (the tests run all three).
-enum class CpuIsa { kAvx512, kAvx2, kBaseline };
-CpuIsa cpu_isa() {
-  CpuIsa best = CpuIsa::kBaseline;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) best = CpuIsa::kAvx512;
-  else if (__builtin_cpu_supports("x86-64-v3")) best = CpuIsa::kAvx2;
-#endif
-  const char* env = std::getenv("MEMORYMAMBA_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  const std::string want(env);
-  MM_CHECK(want == "avx512" || want == "avx2" || want == "baseline",
-           "MEMORYMAMBA_CPU_ISA must be avx512, avx2 or baseline, got '", want, "'");
-  const CpuIsa asked = want == "avx512" ? CpuIsa::kAvx512 : want == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
-  MM_CHECK(int(asked) >= int(best), "MEMORYMAMBA_CPU_ISA=", want, " asks for more than this CPU has");
-  return asked;
-}
+// The scan kernels' vector width follows memorymamba::cpu_isa() (the tests force all three).
+using memorymamba::CpuIsa;
+using memorymamba::cpu_isa;
 
 // What `memorymamba info` prints: the build the CPU kernels run and its lane count.
 std::string cpu_vector_name() {

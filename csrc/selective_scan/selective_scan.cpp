@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/cpu_vec.h"
 #include "common/dispatch.h"
 #include "common/registry.h"
 #include "common/ssm_math.h"
@@ -138,8 +139,7 @@ constexpr int64_t K = kSelectiveScanChunk;
 
 bool cpu_has_avx2() {
 #ifdef MM_CPU_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  return cpu_isa() != CpuIsa::kBaseline;
 #else
   return false;
 #endif
