@@ -5,7 +5,8 @@
 #   summary.txt      step, exit status, seconds; then the issue checks (also printed last)
 #   env.txt          nvidia-smi, torch/CUDA/nvcc versions, `python -m memorymamba info`
 #   build.log        setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST = this GPU's capability)
-#   tests.log        pytest tests -k "cuda or gpu" (override with MEMORYMAMBA_GPU_TESTS="pytest args")
+#   tests.log        pytest tests -k "cuda or gpu" (override with MEMORYMAMBA_GPU_TESTS="pytest args"),
+#                    then memorymamba train --device cuda --epochs 3 (the default run, shortened)
 #   bench.log        python -m bench --device cuda --suite gpu-check
 #   <gpu-name>.jsonl the benchmark rows (copy to bench/results/, then `python -m bench.report --update`)
 #   report.md        the rows as the README table, with the checks
@@ -15,7 +16,7 @@
 #   --dry-run  build nothing, run on the CPU: the quick bench suite and the GPU test selection (skips);
 #              tests this script here, where there is no GPU
 #   --sweep    after the key rows, spend the time left in the budget on the gpu suite's scans
-# Environment: PYTHON (default python3), MEMORYMAMBA_GPU_CHECK_BUDGET_S (default 460: the whole run
+# Environment: PYTHON (default python3), MEMORYMAMBA_GPU_CHECK_BUDGET_S (default 480: the whole run
 # stays under 8 minutes), MEMORYMAMBA_GIT_SHA (the sha to stamp on rows when the copy has no .git).
 # Each step runs under its own timeout, so a hang loses that step only; the script always exits 0
 # after writing the summary, so OUTDIR comes back; read summary.txt for what failed.
@@ -40,7 +41,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=${MEMORYMAMBA_GPU_CHECK_BUDGET_S:-460}
+BUDGET=${MEMORYMAMBA_GPU_CHECK_BUDGET_S:-480}
 SUMMARY=$OUT/summary.txt
 RESERVE=40  # seconds kept for the report and plot steps until they run
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -134,6 +135,15 @@ fi
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 step tests 150 "$OUT/tests.log" "$PY" -m pytest -q -rfEs -p no:cacheprovider --timeout=120 "${XDIST[@]}" "${TEST_ARGS[@]}"
+grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | cut -c1-300 | head -40 | tee -a "$SUMMARY"
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | tee -a "$SUMMARY"
+
+# --- the application on the GPU: the default synthetic run, shortened --------------------------------
+if [ "$DRY" -eq 0 ]; then
+    step train 90 "$OUT/tests.log" "$PY" -m memorymamba train --device cuda --epochs 3 --no-progress \
+        --output "${TMPDIR:-/tmp}/memorymamba-gpu-check-runs"
+    sed -n '/^### train/,$p' "$OUT/tests.log" | grep -iE "epoch|test" | tail -6 | tee -a "$SUMMARY"
+fi
 
 # --- benchmarks ----------------------------------------------------------------------------------
 if [ "$DRY" -eq 1 ]; then
