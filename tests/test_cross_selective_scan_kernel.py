@@ -72,11 +72,25 @@ def max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def assert_close_fp32(out, ref, label):
+def assert_close_fp32(out, ref, label, ref32=None):
+    """out against the fp64 reference `ref`, elementwise within FP32_TOL. With `ref32` (the fp32
+    PyTorch reference), an element may also be off by twice that reference's own error there: the
+    brief's low-precision rule applied to fp32, for the parameter gradients whose sums over B*L
+    positions cancel so far that no fp32 summation order meets FP32_TOL (the reference's included)."""
     for k in ref:
-        err = max_err(out[k], ref[k])
-        print(f"{label} {k}: max abs err {err:.3e} (|ref| max {ref[k].abs().max().item():.3e})")
-        torch.testing.assert_close(out[k].float(), ref[k].float(), **FP32_TOL, msg=lambda m: f"{label} {k}: {m}")
+        got, want = out[k].double(), ref[k].double()
+        err = (got - want).abs()
+        allowed = FP32_TOL["atol"] + FP32_TOL["rtol"] * want.abs()
+        if ref32 is not None:
+            allowed = allowed + 2 * (ref32[k].double() - want).abs()
+        print(f"{label} {k}: max abs err {err.max().item():.3e} (|ref| max {want.abs().max().item():.3e})")
+        bad = err > allowed
+        if bad.any():
+            i = int(torch.argmax(torch.where(bad, err / allowed, 0)))
+            raise AssertionError(
+                f"{label} {k}: {int(bad.sum())} of {err.numel()} elements off; worst at flat index {i}: "
+                f"{got.flatten()[i].item():.7g} vs {want.flatten()[i].item():.7g}, allowed {allowed.flatten()[i].item():.3e}"
+                + ("" if ref32 is None else f" (fp32 reference {ref32[k].flatten()[i].item():.7g})"))
 
 
 def kernel_fn(backend, **kw):
@@ -334,6 +348,12 @@ def _cpu(inp):
     return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
 
 
+def _refs(inp, dy):
+    """The PyTorch reference on the CPU in fp64 and in fp32 (for assert_close_fp32's ref32)."""
+    inp, dy = _cpu(inp), dy.cpu()
+    return run(cross_selective_scan_ref, _fp64(inp), dy.double(), dtype=torch.float64), run(cross_selective_scan_ref, inp, dy)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ACTS, ids=_act_id)
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -343,9 +363,9 @@ def test_cuda_fp32(cuda, shape, deterministic, act):
     B, D, H, W, N, R, bias = shape
     inp = make_inputs(B, D, H, W, N, R, bias=bias, device="cuda", act=act)
     dy = torch.randn(B, D, H, W, device="cuda")
-    ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
+    ref, ref32 = _refs(inp, dy)
     out = run(kernel_fn("cuda", deterministic=deterministic), inp, dy)
-    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, f"cuda fp32 {shape} {_act_id(act)}")
+    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, f"cuda fp32 {shape} {_act_id(act)}", ref32)
 
 
 @pytest.mark.gpu
@@ -390,8 +410,8 @@ def test_cuda_long_sequence_and_determinism(cuda, act):
     b = _bits(run(kernel_fn("cuda", deterministic=True), inp, dy))
     for k in a:
         assert torch.equal(a[k], b[k]), f"cuda deterministic {k} differs between two runs"
-    ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
-    assert_close_fp32({k: v.cpu() for k, v in a.items()}, ref, "cuda long")
+    ref, ref32 = _refs(inp, dy)
+    assert_close_fp32({k: v.cpu() for k, v in a.items()}, ref, "cuda long", ref32)
 
 
 @pytest.mark.gpu
@@ -400,9 +420,9 @@ def test_cuda_strided_x_with_activation(cuda):
     x = torch.randn(3, 13, 9, 20, device="cuda")[1:, ::2, 1:8, 2:20:2][:, :6]
     inp["x"] = x.clone()
     dy = torch.randn(2, 6, 7, 9, device="cuda")
-    ref = run(kernel_fn("cpu"), _cpu(inp), dy.cpu())
+    ref, ref32 = _refs(inp, dy)
     out = run(kernel_fn("cuda"), inp, dy, x=x)
-    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, "cuda strided shift+silu")
+    assert_close_fp32({k: v.cpu() for k, v in out.items()}, ref, "cuda strided shift+silu", ref32)
 
 
 @pytest.mark.gpu

@@ -205,7 +205,7 @@ def test_ss2d_compiled_backend_fuses_memory_add_and_silu(backend, act_layer, mem
     x = torch.randn(2, 12, 5, 7)
     results = []
     for module, dev in ((ref, "cpu"), (fast, device)):
-        xi = x.to(dev).requires_grad_()
+        xi = x.detach().to(dev).requires_grad_()  # a leaf on each device (x.to("cpu") is x itself)
         out = module(xi)
         out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(dev))
         results.append((out, xi.grad, {n: p.grad for n, p in module.named_parameters()}))
