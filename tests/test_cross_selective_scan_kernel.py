@@ -375,9 +375,11 @@ def test_bad_inputs_raise_named_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ACTS, ids=_act_id)
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("shape", SHAPES[:6] + [(2, 16, 40, 37, 1, 6, True), (2, 70, 9, 8, 1, 6, True)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:7] + SHAPES[-1:] + [(2, 16, 40, 37, 1, 6, True), (2, 70, 9, 8, 1, 6, True)],
+                         ids=str)
 def test_cuda_fp32(cuda, shape, deterministic, act):
-    # (2, 70, ...): D spans three smem slices of the projection kernel, the last one partial.
+    # N = 16 and R = 64: the scan kernels' shared memory above 48 KB. (2, 70, ...): D spans three smem
+    # slices of the projection kernel and nine channel groups of the scans, the last one partial.
     B, D, H, W, N, R, bias = shape
     inp = make_inputs(B, D, H, W, N, R, bias=bias, device="cuda", act=act)
     dy = torch.randn(B, D, H, W, device="cuda")
@@ -451,7 +453,7 @@ def test_cuda_poisoned_outputs_are_overwritten(cuda, act, dtype):
     every element must be written, and seg_states written before it is read."""
     from memorymamba._backend import extension
     C = extension()
-    B, D, H, W, N, R = 2, 5, 37, 29, 2, 3  # L = 1073: three scan segments, the last partial; D < 32
+    B, D, H, W, N, R = 2, 5, 37, 29, 2, 3  # L = 1073: several scan segments, the last partial; one channel group, part idle
     inp = make_inputs(B, D, H, W, N, R, device="cuda", act=act)
     L, K, rows = H * W, 4, 4 * (R + 2 * N)
     x, shift, silu = inp["x"].to(dtype), inp["x_shift"], inp["silu"]
@@ -469,7 +471,8 @@ def test_cuda_poisoned_outputs_are_overwritten(cuda, act, dtype):
     C.cross_selective_scan_fwd(*args, y, True, shift, silu)
     assert not y.isnan().any(), "forward left elements of y unwritten"
     nseg = -(-L // C.css_cuda_segment_len)
-    outs = dict(du=poisoned(B, D, L), dxdbl_part=poisoned(B, K, D, 1 + 2 * N, L), ddt_w_part=poisoned(B, K, D, R),
+    groups = -(-D // C.css_cuda_block_channels)
+    outs = dict(du=poisoned(B, D, L), dxdbl_part=poisoned(B, K, groups, R + 2 * N, L), ddt_w_part=poisoned(B, K, D, R),
                 ddt_b_part=poisoned(B, K, D), dA_logs_part=poisoned(B, K, D, N), dDs_part=poisoned(B, K, D))
     seg_states = poisoned(B, D, K, nseg, N)
     dxdbl = torch.zeros(B, K, R + 2 * N, L, device="cuda")  # untouched in deterministic mode

@@ -51,6 +51,7 @@ void bwd_cuda(BwdParams& p, at::ScalarType dtype);
 void proj_cuda(ProjParams& p, at::ScalarType dtype);
 void act_bwd_cuda(ActBwdParams& p, at::ScalarType dtype);
 int cuda_segment_len();
+int cuda_block_channels();
 #endif
 
 // Fixed (not thread-count dependent) so the backward's d(x_dbl) partials sum in the same order
@@ -848,7 +849,8 @@ void fwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
 //       are the caller's)
 //   dxdbl: CUDA (B, 4, R+2N, L) (zero-filled by the caller unless deterministic); CPU
 //          (B, kCpuChannelChunks, 4, R+2N, L) per channel chunk
-//   dxdbl_part: CUDA deterministic mode (B, 4, D, 1+2N, L), else undefined
+//   dxdbl_part: CUDA deterministic mode (B, 4, G, R+2N, L), one partial of d(x_dbl) per group of
+//               cuda_block_channels() channels (G groups), summed by the caller; else undefined
 //   ddt_w_part (B, 4, D, R), ddt_b_part (B, 4, D), dA_logs_part (B, 4, D, N), dDs_part (B, 4, D)
 //   seg_states: CUDA scratch (B, D, 4, ceil(L / segment_len), N); undefined on CPU
 void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, const at::Tensor& dt_b,
@@ -879,8 +881,9 @@ void bwd(const at::Tensor& x, const at::Tensor& xdbl, const at::Tensor& dt_w, co
   if (cuda) {
 #ifdef MEMORYMAMBA_WITH_CUDA
     if (dxdbl_part.has_value() && dxdbl_part->defined()) {
-      check_tensor(*dxdbl_part, "dxdbl_part", {B, K, D, 1 + 2 * N, L}, dev, true, true,
-                   "(batch, 4, dim, 1 + 2*d_state, height*width)");
+      const int64_t groups = (D + cuda_block_channels() - 1) / cuda_block_channels();
+      check_tensor(*dxdbl_part, "dxdbl_part", {B, K, groups, R + 2 * N, L}, dev, true, true,
+                   "(batch, 4, ceil(dim / css_cuda_block_channels), dt_rank + 2*d_state, height*width)");
       p.dxdbl_part = dxdbl_part->data_ptr<float>();
     }
     const int64_t nseg = (L + cuda_segment_len() - 1) / cuda_segment_len();
@@ -991,5 +994,6 @@ void bind_cross_selective_scan(pybind11::module_& m) {
         "the vector build the CPU scan kernels run (MEMORYMAMBA_CPU_ISA may pick a narrower one)");
 #ifdef MEMORYMAMBA_WITH_CUDA
   m.attr("css_cuda_segment_len") = css::cuda_segment_len();
+  m.attr("css_cuda_block_channels") = css::cuda_block_channels();
 #endif
 }

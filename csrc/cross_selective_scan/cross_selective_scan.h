@@ -67,8 +67,8 @@ struct BwdParams : FwdParams {
   // CPU: (B, kCpuChannelChunks, K, R+2N, L) partials. CUDA: (B, K, R+2N, L), atomics into it when
   // dxdbl_part is null.
   float* __restrict__ dxdbl;
-  // CUDA deterministic mode: (B, K, D, 1+2N, L) per-channel contributions
-  // (row 0: d(dt_raw), rows 1..N: dB, rows N+1..2N: dC), reduced in a fixed order by the caller.
+  // CUDA deterministic mode: (B, K, G, R+2N, L), d(x_dbl) of each group of cuda_block_channels()
+  // channels, summed over the G groups by the caller.
   float* __restrict__ dxdbl_part;
   // Per-(b, k, d) partial sums, reduced over b by the caller: (B, K, D, R), (B, K, D), (B, K, D, N), (B, K, D).
   float* __restrict__ ddt_w_part;

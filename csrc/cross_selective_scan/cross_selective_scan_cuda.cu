@@ -1,22 +1,27 @@
 // Fused cross-direction selective scan, CUDA forward and backward.
 //
-// One block per (channel d, batch b) runs the four directions one after another. A direction's
-// sequence is cut into segments of kNThreads * kNItems time steps; thread i owns kNItems consecutive
-// steps of a segment, folds its steps into one affine map (css_combine), and a block-wide scan of
-// those maps gives every thread its starting state; the state carries across segments in smem.
-// The merged y (and, in backward, du) is accumulated in an fp32 buffer with plain read-add-write in
-// direction order 0..3, separated by __syncthreads: the block owns its (b, d) row, so the merge is
-// deterministic without atomics. delta is computed in registers from x_dbl's rank-R rows.
+// A block runs kChannels channels of one batch row, one warp per channel, through the four
+// directions in turn. A direction's sequence is cut into segments of kSegment = 32 * kNItems time
+// steps; lane i owns kNItems consecutive steps. Per segment the block first stages the x_dbl rows at
+// the segment's positions in shared memory: every channel of the block reads the same rows, so the
+// direction's scattered gathers (a column walk for directions 1 and 3) are paid once per block, not
+// once per channel. Each warp then scans its channel: a lane folds its steps into one affine map
+// (css_combine), a shuffle scan across the warp gives every lane its starting state, and the last
+// lane carries the state into the next segment. No block barrier sits inside a scan; delta is made
+// in registers from the staged rank-R rows.
+// The merged y (and, in backward, du) is accumulated in an fp32 row owned by the channel's warp,
+// plain read-add-write in direction order 0..3 (the segment barriers order the directions).
 //
-// Backward recomputes everything: a first pass stores each segment's starting state (seg_states),
-// then segments run in reverse with a forward scan (states h) and a reverse scan (state grads dh).
-// d(x_dbl) sums over channels, i.e. over blocks: fp32 atomics, or (deterministic mode) per-channel
-// rows in dxdbl_part that the caller reduces in a fixed order. Parameter grads: per-(b, k, d)
-// block reductions in a fixed order, written as partials.
+// Backward recomputes everything: pass 1 stores each segment's starting states (seg_states), then
+// pass 2 runs the segments in reverse with a forward warp scan (states h) and a reverse one (state
+// grads). d(x_dbl) sums over channels: the block sums its warps' terms in shared memory in a fixed
+// order, the dt part as dt_w^T ddt from ddt staged there, and adds one value per block with an fp32
+// atomic, or (deterministic mode) writes one partial row per channel group that the caller sums.
+// Parameter grads: per-(b, k, d) warp reductions in a fixed order, written as partials.
 //
-// u = act(x + shift) (ActParams) is made from x wherever a kernel loads it: the scans (load_step),
-// the x_proj GEMM (proj_kernel) and the activation's backward (act_bwd_kernel); the silu flag and the
-// shift pointer are runtime values, uniform over the grid, so they cost no instantiations.
+// u = act(x + shift) (ActParams) is made from x wherever a kernel loads it: the scans, the x_proj
+// GEMM (proj_kernel) and the activation's backward (act_bwd_kernel); the silu flag and the shift
+// pointer are runtime values, uniform over the grid, so they cost no instantiations.
 // Instantiations: (forward, backward, proj, act_bwd) x 3 input dtypes = 12 kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -29,312 +34,383 @@
 namespace css {
 
 struct KernelTraits {
-  static constexpr int kNThreads = 128;
-  static constexpr int kNItems = 4;
-  static constexpr int kNWarps = kNThreads / 32;
-  static constexpr int kSegment = kNThreads * kNItems;
-  static_assert(kNThreads % 32 == 0, "whole warps only");
+  static constexpr int kChannels = 8;                // warps per block, one channel each
+  static constexpr int kNThreads = 32 * kChannels;
+  static constexpr int kNItems = 8;                  // consecutive steps per lane
+  static constexpr int kSegment = 32 * kNItems;
+  // Staged rows hold step j of lane i at j * kSlotStride + i: a warp's reads of one j hit 32 banks.
+  static constexpr int kSlotStride = 33;
+  static constexpr int kSlots = kNItems * kSlotStride;
+  static_assert(kSegment == kNThreads, "staging and the d(x_dbl) sums give each thread one position");
 };
 
 int cuda_segment_len() { return KernelTraits::kSegment; }
+int cuda_block_channels() { return KernelTraits::kChannels; }
 
 namespace {
 
 using KT = KernelTraits;
 
-// Exclusive scan of affine maps over the block's threads, in thread order (kReverse: from the last
-// thread down). Returns the composition of the maps of all earlier threads; `total` = all threads.
+__device__ __forceinline__ int slot_of(int i) { return (i % KT::kNItems) * KT::kSlotStride + i / KT::kNItems; }
+
+// Shared memory of the scan kernels, in floats: staged x_dbl rows (C x kSlots), in backward the
+// per-warp terms summed over channels (2 x kChannels x kSlots), and per-warp parameters and carries.
+struct Smem {
+  int xs, red, w, A, carry, acc_w, acc_A, total;
+  __host__ __device__ Smem(int R, int N, bool bwd) {
+    const int C = R + 2 * N;
+    xs = 0;
+    red = xs + C * KT::kSlots;
+    w = red + (bwd ? 2 * KT::kChannels * KT::kSlots : 0);
+    A = w + KT::kChannels * R;
+    carry = A + KT::kChannels * N;
+    acc_w = carry + KT::kChannels * N;
+    acc_A = acc_w + (bwd ? KT::kChannels * R : 0);
+    total = acc_A + (bwd ? KT::kChannels * N : 0);
+  }
+};
+
+// Exclusive scan of affine maps over a warp's lanes in lane order (kReverse: from lane 31 down):
+// the composition of the maps of the lanes before this one (identity for the first).
 template <bool kReverse>
-__device__ Affine block_exclusive_scan(Affine v, Affine& total, Affine* smem) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+__device__ Affine warp_exclusive_scan(Affine v) {
+  const int lane = threadIdx.x % 32;
   Affine inc = v;
 #pragma unroll
   for (int off = 1; off < 32; off *= 2) {
     const float pa = kReverse ? __shfl_down_sync(0xffffffffu, inc.a, off) : __shfl_up_sync(0xffffffffu, inc.a, off);
     const float pb = kReverse ? __shfl_down_sync(0xffffffffu, inc.b, off) : __shfl_up_sync(0xffffffffu, inc.b, off);
-    const bool has = kReverse ? (lane + off < 32) : (lane >= off);
-    if (has) inc = css_combine({pa, pb}, inc);
+    if (kReverse ? (lane + off < 32) : (lane >= off)) inc = css_combine({pa, pb}, inc);
   }
-  const int last = kReverse ? 0 : 31;   // its inclusive value covers the whole warp
-  const int first = kReverse ? 31 : 0;  // nothing precedes it inside the warp
-  if (lane == last) smem[warp] = inc;
   const float ea = kReverse ? __shfl_down_sync(0xffffffffu, inc.a, 1) : __shfl_up_sync(0xffffffffu, inc.a, 1);
   const float eb = kReverse ? __shfl_down_sync(0xffffffffu, inc.b, 1) : __shfl_up_sync(0xffffffffu, inc.b, 1);
-  __syncthreads();
-  Affine before{1.f, 0.f};
-  total = {1.f, 0.f};
-#pragma unroll
-  for (int i = 0; i < KT::kNWarps; ++i) {
-    const int w = kReverse ? KT::kNWarps - 1 - i : i;
-    if (kReverse ? (w > warp) : (w < warp)) before = css_combine(before, smem[w]);
-    total = css_combine(total, smem[w]);
-  }
-  __syncthreads();  // smem is reused by the next call
-  const Affine ex = (lane == first) ? Affine{1.f, 0.f} : Affine{ea, eb};
-  return css_combine(before, ex);
+  return (lane == (kReverse ? 31 : 0)) ? Affine{1.f, 0.f} : Affine{ea, eb};
 }
 
-// Fixed-order block sum (deterministic); result valid in every thread.
-__device__ float block_sum(float v, float* smem) {
+// Fixed-order warp sum (deterministic); result valid in every lane.
+__device__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-  __syncthreads();
-  float s = 0.f;
-#pragma unroll
-  for (int w = 0; w < KT::kNWarps; ++w) s += smem[w];
-  __syncthreads();
-  return s;
+  return v;
 }
-
-struct Smem {
-  float A[kMaxDState];
-  float w[kMaxDtRank];
-  float carry[kMaxDState];
-  Affine scan[KT::kNWarps];
-  float red[KT::kNWarps];
-};
 
 __device__ float shift_of(const ActParams& p, int b, int d) {
   return p.shift ? p.shift[int64_t(b) * p.dim + d] : 0.f;
 }
 
-// x at spatial index l of the (b, d) row, as fp32 (any strides).
+// x at (h, w) of the (b, d) row, as fp32 (any strides).
 template <typename T>
-__device__ float load_x(const ActParams& p, int b, int d, int l) {
-  const int h = l / p.width, w = l - h * p.width;
+__device__ float load_x(const ActParams& p, int b, int d, int h, int w) {
   const T* x = static_cast<const T*>(p.x);
-  return static_cast<float>(
-      x[b * p.x_batch_stride + d * p.x_dim_stride + h * p.x_h_stride + w * p.x_w_stride]);
+  return static_cast<float>(x[b * p.x_batch_stride + d * p.x_dim_stride + h * p.x_h_stride + w * p.x_w_stride]);
 }
 
-// Loads the step-independent data of one time step: spatial index, u = act(x + shift), raw and
-// final delta.
-template <typename T>
-__device__ void load_step(const FwdParams& p, int b, int d, int k, int64_t t, const float* xd, const Smem& s,
-                          float bias, float shift, int& l, float& u, float& dt, float& delta) {
-  l = int(css_spatial_index(k, t, p.height, p.width));
-  u = css_act(load_x<T>(p, b, d, l) + shift, p.silu);
-  dt = bias;
-  for (int r = 0; r < p.dt_rank; ++r) dt += s.w[r] * xd[int64_t(r) * p.seqlen + l];
-  delta = css_delta(dt, p.delta_softplus);
-}
-
-__device__ void load_direction_params(const FwdParams& p, int k, int d, Smem& s) {
-  const int64_t kd = int64_t(k) * p.dim + d;
-  for (int i = threadIdx.x; i < p.dstate; i += KT::kNThreads) {
-    s.A[i] = -expf(p.A_logs[kd * p.dstate + i]);
-    s.carry[i] = 0.f;
+// (h, w) of direction k's step t, advanced one step at a time (no division per step).
+struct Walk {
+  int h, w;
+  __device__ Walk(int k, int t, int H, int W) {
+    const int l = int(css_spatial_index(k, t, H, W));
+    h = l / W;
+    w = l - h * W;
   }
-  for (int i = threadIdx.x; i < p.dt_rank; i += KT::kNThreads) s.w[i] = p.dt_w[kd * p.dt_rank + i];
-  __syncthreads();
+  __device__ void next(int k, int H, int W) {
+    if (k == 0) { if (++w == W) { w = 0; ++h; } }
+    else if (k == 1) { if (++h == H) { h = 0; ++w; } }
+    else if (k == 2) { if (--w < 0) { w = W - 1; --h; } }
+    else { if (--h < 0) { h = H - 1; --w; } }
+  }
+};
+
+// Rows [0, rows) of direction k's x_dbl at the segment's positions into xs (0 past the end); returns
+// the spatial index of this thread's position (-1 past the end).
+__device__ int stage_rows(const FwdParams& p, int k, int t0, const float* xd, int rows, float* xs) {
+  const int t = t0 + threadIdx.x, L = p.seqlen;
+  const int l = t < L ? int(css_spatial_index(k, t, p.height, p.width)) : -1;
+  const int slot = slot_of(threadIdx.x);
+  for (int c = 0; c < rows; ++c) xs[c * KT::kSlots + slot] = l >= 0 ? xd[int64_t(c) * L + l] : 0.f;
+  return l;
+}
+
+// Direction k's parameters of the warp's channel into its smem slices; zeroes its state carries.
+__device__ void load_channel(const FwdParams& p, int k, int d, float* w, float* A, float* carry) {
+  const int lane = threadIdx.x % 32;
+  const int64_t kd = int64_t(k) * p.dim + d;
+  __syncwarp();  // the last direction's reads (and lane 31's carry write) are done
+  for (int i = lane; i < p.dt_rank; i += 32) w[i] = p.dt_w[kd * p.dt_rank + i];
+  for (int i = lane; i < p.dstate; i += 32) {
+    A[i] = -expf(p.A_logs[kd * p.dstate + i]);
+    carry[i] = 0.f;
+  }
+  __syncwarp();
+}
+
+// Per-step inputs of the lane's kNItems steps of a segment: spatial index (-1 past the end), u,
+// delta and the softplus slope d delta / d dt_raw.
+struct LaneSteps {
+  int l[KT::kNItems];
+  float u[KT::kNItems], delta[KT::kNItems], slope[KT::kNItems];
+};
+
+template <typename T>
+__device__ void load_lane_steps(const FwdParams& p, int b, int d, int k, int t0, float bias, float shift,
+                                const float* w, const float* xs, LaneSteps& s) {
+  const int lane = threadIdx.x % 32, R = p.dt_rank;
+  const int first = t0 + lane * KT::kNItems;
+  Walk pos(k, first < p.seqlen ? first : 0, p.height, p.width);
+#pragma unroll
+  for (int j = 0; j < KT::kNItems; ++j) {
+    const int slot = j * KT::kSlotStride + lane;
+    if (first + j < p.seqlen) {
+      s.l[j] = pos.h * p.width + pos.w;
+      s.u[j] = css_act(load_x<T>(p, b, d, pos.h, pos.w) + shift, p.silu);
+      float dt = bias;
+      for (int r = 0; r < R; ++r) dt += w[r] * xs[r * KT::kSlots + slot];
+      s.delta[j] = css_delta(dt, p.delta_softplus, s.slope[j]);
+    } else {
+      s.l[j] = -1; s.u[j] = 0.f; s.delta[j] = 0.f; s.slope[j] = 0.f;
+    }
+    pos.next(k, p.height, p.width);
+  }
+}
+
+// One state n over the lane's steps: the steps' affine maps (identity past the end) and the state
+// entering the lane's first step, from the state entering the segment (`carry`).
+__device__ float lane_states_in(const LaneSteps& s, float A, const float* Bs, float carry, Affine (&step)[KT::kNItems]) {
+  const int lane = threadIdx.x % 32;
+  Affine agg{1.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < KT::kNItems; ++j) {
+    step[j] = s.l[j] >= 0 ? Affine{css_decay(s.delta[j], A), css_input(s.delta[j], Bs[j * KT::kSlotStride + lane], s.u[j])}
+                          : Affine{1.f, 0.f};
+    agg = css_combine(agg, step[j]);
+  }
+  const Affine before = warp_exclusive_scan<false>(agg);
+  return before.a * carry + before.b;
 }
 
 template <typename T>
 __global__ __launch_bounds__(KT::kNThreads) void fwd_kernel(FwdParams p) {
-  __shared__ Smem s;
-  const int d = blockIdx.x, b = blockIdx.y;
-  const int64_t L = p.seqlen, N = p.dstate, R = p.dt_rank;
-  const float shift = shift_of(p, b, d);
+  extern __shared__ float smem[];
+  const int R = p.dt_rank, N = p.dstate, C = R + 2 * N, L = p.seqlen;
+  const Smem m(R, N, false);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = blockIdx.y, d = blockIdx.x * KT::kChannels + warp;
+  const bool active = d < p.dim;  // warp-uniform; idle warps still join the block barriers
+  float *xs = smem + m.xs, *w = smem + m.w + warp * R, *A = smem + m.A + warp * N;
+  float* carry = smem + m.carry + warp * N;
+  const float shift = active ? shift_of(p, b, d) : 0.f;
   float* y = static_cast<float*>(p.y) + (int64_t(b) * p.dim + d) * L;
   for (int k = 0; k < kDirections; ++k) {
-    load_direction_params(p, k, d, s);
     const int64_t kd = int64_t(k) * p.dim + d;
-    const float bias = p.dt_b[kd], Dk = p.Ds[kd];
-    const float* xd = p.xdbl + (int64_t(b) * kDirections + k) * (R + 2 * N) * L;
-    for (int64_t t0 = 0; t0 < L; t0 += KT::kSegment) {
-      int l[KT::kNItems];
-      float u[KT::kNItems], dt[KT::kNItems], delta[KT::kNItems], yv[KT::kNItems];
+    float bias = 0.f, Dk = 0.f;
+    if (active) {
+      load_channel(p, k, d, w, A, carry);
+      bias = p.dt_b[kd];
+      Dk = p.Ds[kd];
+    }
+    const float* xd = p.xdbl + (int64_t(b) * kDirections + k) * C * L;
+    for (int t0 = 0; t0 < L; t0 += KT::kSegment) {
+      __syncthreads();  // the last segment's reads of xs are done (and its y writes visible)
+      stage_rows(p, k, t0, xd, C, xs);
+      __syncthreads();
+      if (!active) continue;
+      LaneSteps s;
+      load_lane_steps<T>(p, b, d, k, t0, bias, shift, w, xs, s);
+      float yv[KT::kNItems];
 #pragma unroll
-      for (int j = 0; j < KT::kNItems; ++j) {
-        const int64_t t = t0 + threadIdx.x * KT::kNItems + j;
-        yv[j] = 0.f;
-        if (t < L) load_step<T>(p, b, d, k, t, xd, s, bias, shift, l[j], u[j], dt[j], delta[j]);
-        else { l[j] = -1; u[j] = 0.f; delta[j] = 0.f; }
-      }
+      for (int j = 0; j < KT::kNItems; ++j) yv[j] = Dk * s.u[j];
       for (int n = 0; n < N; ++n) {
-        const float* Bn = xd + (R + n) * L;
-        const float* Cn = xd + (R + N + n) * L;
+        const float* Cs = xs + (R + N + n) * KT::kSlots;
         Affine step[KT::kNItems];
-        Affine agg{1.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < KT::kNItems; ++j) {
-          step[j] = l[j] >= 0 ? Affine{css_decay(delta[j], s.A[n]), css_input(delta[j], Bn[l[j]], u[j])}
-                              : Affine{1.f, 0.f};
-          agg = css_combine(agg, step[j]);
-        }
-        Affine total;
-        const Affine before = block_exclusive_scan<false>(agg, total, s.scan);
-        const float carry = s.carry[n];
-        float h = before.a * carry + before.b;
+        float h = lane_states_in(s, A[n], xs + (R + n) * KT::kSlots, carry[n], step);
 #pragma unroll
         for (int j = 0; j < KT::kNItems; ++j) {
           h = step[j].a * h + step[j].b;
-          if (l[j] >= 0) yv[j] += Cn[l[j]] * h;
+          yv[j] += Cs[j * KT::kSlotStride + lane] * h;
         }
-        __syncthreads();  // everyone has read carry
-        if (threadIdx.x == 0) s.carry[n] = total.a * carry + total.b;
-        __syncthreads();
+        __syncwarp();  // every lane has read carry[n]
+        if (lane == 31) carry[n] = h;  // the state after the segment's last step
       }
 #pragma unroll
-      for (int j = 0; j < KT::kNItems; ++j) {
-        if (l[j] < 0) continue;
-        const float v = yv[j] + Dk * u[j];
-        y[l[j]] = k == 0 ? v : y[l[j]] + v;
-      }
+      for (int j = 0; j < KT::kNItems; ++j)
+        if (s.l[j] >= 0) y[s.l[j]] = k == 0 ? yv[j] : y[s.l[j]] + yv[j];
     }
-    __syncthreads();  // direction k's writes of y are visible before direction k+1 adds to them
   }
 }
 
 template <typename T>
-__global__ __launch_bounds__(KT::kNThreads) void bwd_kernel(BwdParams p) {
-  __shared__ Smem s;
-  __shared__ float e_carry[kMaxDState];
-  const int d = blockIdx.x, b = blockIdx.y;
-  const int64_t L = p.seqlen, N = p.dstate, R = p.dt_rank, C = R + 2 * N;
-  const int64_t nseg = (L + KT::kSegment - 1) / KT::kSegment;
-  const float shift = shift_of(p, b, d);
-  const float* g_row = p.dy + (int64_t(b) * p.dim + d) * L;
-  float* du_row = p.du + (int64_t(b) * p.dim + d) * L;
+__global__ __launch_bounds__(KT::kNThreads, 2) void bwd_kernel(BwdParams p) {  // 2 blocks per SM: <= 128 registers
+  extern __shared__ float smem[];
+  const int R = p.dt_rank, N = p.dstate, C = R + 2 * N, L = p.seqlen;
+  const int nseg = (L + KT::kSegment - 1) / KT::kSegment;
+  const Smem m(R, N, true);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = blockIdx.x, b = blockIdx.y, d = grp * KT::kChannels + warp;
+  const int n_active = min(KT::kChannels, p.dim - grp * KT::kChannels);
+  const bool active = warp < n_active;  // warp-uniform; idle warps still join the block barriers
+  float *xs = smem + m.xs, *red = smem + m.red, *w_all = smem + m.w;
+  float *w = w_all + warp * R, *A = smem + m.A + warp * N, *carry = smem + m.carry + warp * N;
+  float *acc_w = smem + m.acc_w + warp * R, *acc_A = smem + m.acc_A + warp * N;
+  float* my_red_b = red + warp * KT::kSlots;                      // this warp's dB terms
+  float* my_red_c = red + (KT::kChannels + warp) * KT::kSlots;    // ... and dC terms (ddt reuses dB's)
+  const float shift = active ? shift_of(p, b, d) : 0.f;
+  const int64_t row = (int64_t(b) * p.dim + d) * L;
   for (int k = 0; k < kDirections; ++k) {
-    load_direction_params(p, k, d, s);
     const int64_t kd = int64_t(k) * p.dim + d;
     const int64_t part = (int64_t(b) * kDirections + k) * p.dim + d;
-    const float bias = p.dt_b[kd], Dk = p.Ds[kd];
+    float bias = 0.f, Dk = 0.f;
+    float* states = p.seg_states + ((int64_t(b) * p.dim + d) * kDirections + k) * int64_t(nseg) * N;
+    __syncthreads();  // the last direction's d(x_dbl) sums have read every warp's dt weights
+    if (active) {
+      load_channel(p, k, d, w, A, carry);
+      bias = p.dt_b[kd];
+      Dk = p.Ds[kd];
+    }
     const float* xd = p.xdbl + (int64_t(b) * kDirections + k) * C * L;
-    float* dxd = p.dxdbl + (int64_t(b) * kDirections + k) * C * L;
-    float* dpart = p.dxdbl_part ? p.dxdbl_part + part * (1 + 2 * N) * L : nullptr;
-    float* states = p.seg_states + ((int64_t(b) * p.dim + d) * kDirections + k) * nseg * N;
+    // Out: an atomic sum into (B, K, C, L), or this group's partial rows of (B, K, G, C, L).
+    const int64_t groups = gridDim.x;
+    float* dxd = p.dxdbl_part ? p.dxdbl_part + ((int64_t(b) * kDirections + k) * groups + grp) * C * L
+                              : p.dxdbl + (int64_t(b) * kDirections + k) * C * L;
 
     // Pass 1: the state entering every segment.
-    for (int64_t seg = 0; seg < nseg; ++seg) {
-      int l[KT::kNItems];
-      float u[KT::kNItems], dt[KT::kNItems], delta[KT::kNItems];
-#pragma unroll
-      for (int j = 0; j < KT::kNItems; ++j) {
-        const int64_t t = seg * KT::kSegment + threadIdx.x * KT::kNItems + j;
-        if (t < L) load_step<T>(p, b, d, k, t, xd, s, bias, shift, l[j], u[j], dt[j], delta[j]);
-        else l[j] = -1;
-      }
+    for (int seg = 0; seg < nseg; ++seg) {
+      __syncthreads();
+      stage_rows(p, k, seg * KT::kSegment, xd, R + N, xs);
+      __syncthreads();
+      if (!active) continue;
+      LaneSteps s;
+      load_lane_steps<T>(p, b, d, k, seg * KT::kSegment, bias, shift, w, xs, s);
       for (int n = 0; n < N; ++n) {
-        const float* Bn = xd + (R + n) * L;
-        Affine agg{1.f, 0.f};
+        Affine step[KT::kNItems];
+        const float c = carry[n];
+        float h = lane_states_in(s, A[n], xs + (R + n) * KT::kSlots, c, step);
 #pragma unroll
-        for (int j = 0; j < KT::kNItems; ++j)
-          if (l[j] >= 0) agg = css_combine(agg, {css_decay(delta[j], s.A[n]), css_input(delta[j], Bn[l[j]], u[j])});
-        Affine total;
-        block_exclusive_scan<false>(agg, total, s.scan);
-        if (threadIdx.x == 0) {
-          states[seg * N + n] = s.carry[n];
-          s.carry[n] = total.a * s.carry[n] + total.b;
-        }
-        __syncthreads();
+        for (int j = 0; j < KT::kNItems; ++j) h = step[j].a * h + step[j].b;
+        __syncwarp();  // every lane has read carry[n]
+        if (lane == 0) states[int64_t(seg) * N + n] = c;
+        if (lane == 31) carry[n] = h;
       }
     }
-    for (int i = threadIdx.x; i < N; i += KT::kNThreads) e_carry[i] = 0.f;
-    __syncthreads();
-
-    // Pass 2: segments in reverse; per-thread sums of the parameter grads.
-    float acc_w[kMaxDtRank], acc_A[kMaxDState];
-    for (int r = 0; r < R; ++r) acc_w[r] = 0.f;
-    for (int n = 0; n < N; ++n) acc_A[n] = 0.f;
-    float acc_b = 0.f, acc_D = 0.f;
-    for (int64_t seg = nseg - 1; seg >= 0; --seg) {
-      int l[KT::kNItems];
-      float u[KT::kNItems], dt[KT::kNItems], delta[KT::kNItems], g[KT::kNItems];
-      float ddelta[KT::kNItems], du[KT::kNItems];
+    // Pass 2 keeps the reverse carries (the gradient reaching the state before a segment) in `carry`.
+    if (active) {
+      __syncwarp();  // lane 31's last carry write of pass 1 is done
+      for (int i = lane; i < N; i += 32) { carry[i] = 0.f; acc_A[i] = 0.f; }
+      for (int i = lane; i < R; i += 32) acc_w[i] = 0.f;
+    }
+    float acc_b = 0.f, acc_D = 0.f;  // per lane; reduced at the end
+    for (int seg = nseg - 1; seg >= 0; --seg) {
+      const int t0 = seg * KT::kSegment;
+      __syncthreads();  // the last segment's reads of xs and red are done
+      const int my_l = stage_rows(p, k, t0, xd, C, xs);
+      __syncthreads();
+      LaneSteps s;
+      float g[KT::kNItems], du[KT::kNItems], ddelta[KT::kNItems];
+      if (active) {
+        load_lane_steps<T>(p, b, d, k, t0, bias, shift, w, xs, s);
 #pragma unroll
-      for (int j = 0; j < KT::kNItems; ++j) {
-        const int64_t t = seg * KT::kSegment + threadIdx.x * KT::kNItems + j;
-        ddelta[j] = 0.f;
-        if (t < L) {
-          load_step<T>(p, b, d, k, t, xd, s, bias, shift, l[j], u[j], dt[j], delta[j]);
-          g[j] = g_row[l[j]];
+        for (int j = 0; j < KT::kNItems; ++j) {
+          g[j] = s.l[j] >= 0 ? p.dy[row + s.l[j]] : 0.f;
           du[j] = g[j] * Dk;
-          acc_D += g[j] * u[j];
-        } else {
-          l[j] = -1; u[j] = 0.f; dt[j] = 0.f; delta[j] = 0.f; g[j] = 0.f; du[j] = 0.f;
+          ddelta[j] = 0.f;
+          acc_D += g[j] * s.u[j];
         }
       }
       for (int n = 0; n < N; ++n) {
-        const float* Bn = xd + (R + n) * L;
-        const float* Cn = xd + (R + N + n) * L;
-        Affine step[KT::kNItems];
-        float h[KT::kNItems], c[KT::kNItems];
-        Affine agg{1.f, 0.f};
+        if (active) {
+          const float* Bs = xs + (R + n) * KT::kSlots;
+          const float* Cs = xs + (R + N + n) * KT::kSlots;
+          Affine step[KT::kNItems];
+          float h[KT::kNItems];
+          const float h_in = lane_states_in(s, A[n], Bs, states[int64_t(seg) * N + n], step);
+          float hh = h_in;
 #pragma unroll
-        for (int j = 0; j < KT::kNItems; ++j) {
-          const bool ok = l[j] >= 0;
-          step[j] = ok ? Affine{css_decay(delta[j], s.A[n]), css_input(delta[j], Bn[l[j]], u[j])} : Affine{1.f, 0.f};
-          c[j] = ok ? Cn[l[j]] * g[j] : 0.f;
-          agg = css_combine(agg, step[j]);
-        }
-        Affine total;
-        const Affine before = block_exclusive_scan<false>(agg, total, s.scan);
-        const float h_in = before.a * states[seg * N + n] + before.b;
-        float hh = h_in;
+          for (int j = 0; j < KT::kNItems; ++j) {
+            hh = step[j].a * hh + step[j].b;
+            h[j] = hh;
+          }
+          // Reverse: e_t = a_t (c_t + e_{t+1}) with c_t = C_t g_t (0 past the end: staged C is 0) is the
+          // gradient reaching h_{t-1} through step t.
+          Affine ragg{1.f, 0.f};
 #pragma unroll
-        for (int j = 0; j < KT::kNItems; ++j) {
-          hh = step[j].a * hh + step[j].b;
-          h[j] = hh;
-        }
-        // Reverse: e_t = a_t (c_t + e_{t+1}) is the gradient reaching h_{t-1} through step t.
-        Affine ragg{1.f, 0.f};
+          for (int j = KT::kNItems - 1; j >= 0; --j)
+            ragg = css_combine(ragg, {step[j].a, step[j].a * Cs[j * KT::kSlotStride + lane] * g[j]});
+          const Affine after = warp_exclusive_scan<true>(ragg);
+          const float e_in = carry[n];
+          float e = after.a * e_in + after.b, dA = 0.f;
 #pragma unroll
-        for (int j = KT::kNItems - 1; j >= 0; --j) ragg = css_combine(ragg, {step[j].a, step[j].a * c[j]});
-        Affine rtotal;
-        const Affine after = block_exclusive_scan<true>(ragg, rtotal, s.scan);
-        const float e_in = e_carry[n];
-        float e = after.a * e_in + after.b;
-#pragma unroll
-        for (int j = KT::kNItems - 1; j >= 0; --j) {
-          const float dh = c[j] + e;
-          e = step[j].a * dh;
-          if (l[j] < 0) continue;
-          const float h_prev = j > 0 ? h[j - 1] : h_in;
-          const float dB = css_step_bwd(dh, h_prev, step[j].a, delta[j], s.A[n], Bn[l[j]], u[j], ddelta[j], du[j],
-                                        acc_A[n]);
-          const float dC = g[j] * h[j];
-          if (dpart) {
-            dpart[(1 + n) * L + l[j]] = dB;
-            dpart[(1 + N + n) * L + l[j]] = dC;
-          } else {
-            atomicAdd(dxd + (R + n) * L + l[j], dB);
-            atomicAdd(dxd + (R + N + n) * L + l[j], dC);
+          for (int j = KT::kNItems - 1; j >= 0; --j) {
+            const float dh = Cs[j * KT::kSlotStride + lane] * g[j] + e;
+            e = step[j].a * dh;
+            const int slot = j * KT::kSlotStride + lane;
+            float dB = 0.f, dC = 0.f;
+            if (s.l[j] >= 0) {
+              const float h_prev = j > 0 ? h[j - 1] : h_in;
+              dB = css_step_bwd(dh, h_prev, step[j].a, s.delta[j], A[n], Bs[slot], s.u[j], ddelta[j], du[j], dA);
+              dC = g[j] * h[j];
+            }
+            my_red_b[slot] = dB;
+            my_red_c[slot] = dC;
+          }
+          dA = warp_sum(dA);
+          __syncwarp();  // every lane has read carry[n]
+          if (lane == 0) {
+            carry[n] = e;
+            acc_A[n] += dA;
           }
         }
-        __syncthreads();  // everyone has read e_carry
-        if (threadIdx.x == 0) e_carry[n] = rtotal.a * e_in + rtotal.b;
         __syncthreads();
-      }
-#pragma unroll
-      for (int j = 0; j < KT::kNItems; ++j) {
-        if (l[j] < 0) continue;
-        const float ddt = ddelta[j] * css_delta_grad(dt[j], p.delta_softplus);
-        acc_b += ddt;
-        for (int r = 0; r < R; ++r) {
-          acc_w[r] += ddt * xd[r * L + l[j]];
-          if (!dpart) atomicAdd(dxd + r * L + l[j], ddt * s.w[r]);
+        if (my_l >= 0) {  // dB and dC summed over the block's channels in warp order
+          const int slot = slot_of(threadIdx.x);
+          float sb = 0.f, sc = 0.f;
+          for (int v = 0; v < n_active; ++v) {
+            sb += red[v * KT::kSlots + slot];
+            sc += red[(KT::kChannels + v) * KT::kSlots + slot];
+          }
+          float* ob = dxd + int64_t(R + n) * L + my_l;
+          float* oc = dxd + int64_t(R + N + n) * L + my_l;
+          if (p.dxdbl_part) { *ob = sb; *oc = sc; } else { atomicAdd(ob, sb); atomicAdd(oc, sc); }
         }
-        if (dpart) dpart[l[j]] = ddt;
-        du_row[l[j]] = k == 0 ? du[j] : du_row[l[j]] + du[j];
+        __syncthreads();  // red is rewritten next
+      }
+      if (active) {
+        float* du_row = p.du + row;
+#pragma unroll
+        for (int j = 0; j < KT::kNItems; ++j) {
+          const float ddt = ddelta[j] * s.slope[j];  // 0 past the end
+          acc_b += ddt;
+          my_red_b[j * KT::kSlotStride + lane] = ddt;
+          if (s.l[j] >= 0) du_row[s.l[j]] = k == 0 ? du[j] : du_row[s.l[j]] + du[j];
+        }
+        for (int r = 0; r < R; ++r) {  // d dt_w = sum_t ddt_t dts_t, one warp sum per row and segment
+          float v = 0.f;
+#pragma unroll
+          for (int j = 0; j < KT::kNItems; ++j) v += my_red_b[j * KT::kSlotStride + lane] * xs[r * KT::kSlots + j * KT::kSlotStride + lane];
+          v = warp_sum(v);
+          if (lane == 0) acc_w[r] += v;
+        }
+      }
+      __syncthreads();
+      if (my_l >= 0) {  // d dts = dt_w^T ddt over the block's channels, in warp order
+        const int slot = slot_of(threadIdx.x);
+        for (int r = 0; r < R; ++r) {
+          float v = 0.f;
+          for (int c = 0; c < n_active; ++c) v += w_all[c * R + r] * red[c * KT::kSlots + slot];
+          float* o = dxd + int64_t(r) * L + my_l;
+          if (p.dxdbl_part) *o = v; else atomicAdd(o, v);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float v = block_sum(acc_w[r], s.red);
-      if (threadIdx.x == 0) p.ddt_w_part[part * R + r] = v;
+    if (active) {
+      acc_b = warp_sum(acc_b);
+      acc_D = warp_sum(acc_D);
+      __syncwarp();
+      for (int i = lane; i < R; i += 32) p.ddt_w_part[part * R + i] = acc_w[i];
+      for (int i = lane; i < N; i += 32) p.dA_logs_part[part * N + i] = acc_A[i] * A[i];
+      if (lane == 0) {
+        p.ddt_b_part[part] = acc_b;
+        p.dDs_part[part] = acc_D;
+      }
     }
-    for (int n = 0; n < N; ++n) {
-      const float v = block_sum(acc_A[n], s.red);
-      if (threadIdx.x == 0) p.dA_logs_part[part * N + n] = v * s.A[n];
-    }
-    const float vb = block_sum(acc_b, s.red), vD = block_sum(acc_D, s.red);
-    if (threadIdx.x == 0) {
-      p.ddt_b_part[part] = vb;
-      p.dDs_part[part] = vD;
-    }
-    __syncthreads();  // du of direction k is visible before direction k+1 adds to it
   }
 }
 
@@ -405,33 +481,67 @@ __global__ __launch_bounds__(ProjTraits::kNThreads) void proj_kernel(ProjParams 
 
 // The activation's backward, one block per (channel, batch) row: dx = act'(z) du, dshift = sum of dx
 // (fixed-order block sum), and u = act(z) written for the caller's d(x_proj_weight) GEMM.
+struct ActTraits {
+  static constexpr int kNThreads = 128;
+  static constexpr int kNWarps = kNThreads / 32;
+};
+
 template <typename T>
-__global__ __launch_bounds__(KT::kNThreads) void act_bwd_kernel(ActBwdParams p) {
-  __shared__ float red[KT::kNWarps];
+__global__ __launch_bounds__(ActTraits::kNThreads) void act_bwd_kernel(ActBwdParams p) {
+  __shared__ float red[ActTraits::kNWarps];
   const int d = blockIdx.x, b = blockIdx.y;
   const int64_t row = (int64_t(b) * p.dim + d) * p.seqlen;
   const float shift = shift_of(p, b, d);
   T* dx = static_cast<T*>(p.dx) + row;
   float acc = 0.f;
-  for (int l = threadIdx.x; l < p.seqlen; l += KT::kNThreads) {
-    const float z = load_x<T>(p, b, d, l) + shift;
+  for (int l = threadIdx.x; l < p.seqlen; l += ActTraits::kNThreads) {
+    const int h = l / p.width;
+    const float z = load_x<T>(p, b, d, h, l - h * p.width) + shift;
     const float g = css_act_grad(z, p.silu) * p.du[row + l];
     dx[l] = static_cast<T>(g);
     p.u[row + l] = css_act(z, p.silu);
     acc += g;
   }
-  if (p.dshift == nullptr) return;  // uniform over the block: no thread waits in block_sum alone
-  const float s = block_sum(acc, red);
-  if (threadIdx.x == 0) p.dshift[int64_t(b) * p.dim + d] = s;
+  if (p.dshift == nullptr) return;  // uniform over the block: no thread waits at the barrier alone
+  acc = warp_sum(acc);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int v = 0; v < ActTraits::kNWarps; ++v) s += red[v];
+    p.dshift[int64_t(b) * p.dim + d] = s;
+  }
+}
+
+// Dynamic shared memory of a scan kernel, opting in above the 48 KB default (large dt_rank/d_state).
+template <typename Kernel>
+size_t scan_smem_bytes(Kernel kernel, int R, int N, bool bwd) {
+  const size_t bytes = size_t(Smem(R, N, bwd).total) * sizeof(float);
+  if (bytes > 48 * 1024) {
+    int dev = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    MM_CHECK(bytes <= size_t(optin), "cross_selective_scan: dt_rank ", R, " and d_state ", N, " need ", bytes,
+             " bytes of shared memory per block, more than this GPU's ", optin);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+  return bytes;
+}
+
+dim3 scan_grid(const FwdParams& p) {
+  MM_CHECK(p.batch <= 65535, "cross_selective_scan: batch must be <= 65535 on CUDA, got ", p.batch);
+  return dim3((p.dim + KT::kChannels - 1) / KT::kChannels, p.batch);
 }
 
 }  // namespace
 
 void fwd_cuda(FwdParams& p, at::ScalarType dtype) {
-  const dim3 grid(p.dim, p.batch);
+  if (p.batch == 0 || p.dim == 0) return;
+  const dim3 grid = scan_grid(p);
   auto stream = c10::cuda::getCurrentCUDAStream();
   MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_fwd_cuda: x", [&] {
-    fwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
+    const size_t smem = scan_smem_bytes(fwd_kernel<scalar_t>, p.dt_rank, p.dstate, false);
+    fwd_kernel<scalar_t><<<grid, KT::kNThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -448,16 +558,18 @@ void act_bwd_cuda(ActBwdParams& p, at::ScalarType dtype) {
   const dim3 grid(p.dim, p.batch);
   auto stream = c10::cuda::getCurrentCUDAStream();
   MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_act_bwd_cuda: x", [&] {
-    act_bwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
+    act_bwd_kernel<scalar_t><<<grid, ActTraits::kNThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void bwd_cuda(BwdParams& p, at::ScalarType dtype) {
-  const dim3 grid(p.dim, p.batch);
+  if (p.batch == 0 || p.dim == 0) return;
+  const dim3 grid = scan_grid(p);
   auto stream = c10::cuda::getCurrentCUDAStream();
   MM_DISPATCH_FLOAT_TYPES(dtype, scalar_t, "cross_selective_scan_bwd_cuda: x", [&] {
-    bwd_kernel<scalar_t><<<grid, KT::kNThreads, 0, stream>>>(p);
+    const size_t smem = scan_smem_bytes(bwd_kernel<scalar_t>, p.dt_rank, p.dstate, true);
+    bwd_kernel<scalar_t><<<grid, KT::kNThreads, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -16,9 +16,10 @@ kernel's du: dL/du = du + x_proj_weight^T @ d(x_dbl) in one baddbmm; then the ac
 sum, no atomics) and, on CPU, d(x_proj_weight) from u rows recomputed in a buffer; on CUDA it writes u
 to a backward-only temporary for one cuBLAS GEMM.
 
-Determinism: CPU always (fixed-order reductions over a fixed number of channel chunks). CUDA:
-`deterministic=True` writes per-channel partials of d(x_dbl) and reduces them with torch in a fixed
-order; otherwise fp32 atomics. Parameter grads are per-batch partials summed here in fixed order.
+Determinism: CPU always (fixed-order reductions over a fixed number of channel chunks). CUDA: a block
+sums the d(x_dbl) terms of its css_cuda_block_channels channels in a fixed order; `deterministic=True`
+writes one partial per channel group, summed here, otherwise the blocks add theirs with fp32 atomics.
+Parameter grads are per-batch partials summed here in fixed order.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.T
         seg = C.css_cuda_segment_len
         seg_states = torch.empty(B, D, K, (L + seg - 1) // seg, N, **f32)
         if deterministic:
-            part = torch.empty(B, K, D, 1 + 2 * N, L, **f32)
+            groups = -(-D // C.css_cuda_block_channels)
+            part = torch.empty(B, K, groups, R + 2 * N, L, **f32)
             dx_dbl = torch.empty(B, K, R + 2 * N, L, **f32)
         else:
             part = None
@@ -115,9 +117,7 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.T
         C.cross_selective_scan_bwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, dy, du, dx_dbl, part, ddt_w_part,
                                    ddt_b_part, dA_part, dDs_part, seg_states, delta_softplus, shift, silu)
         if deterministic:
-            # Fixed-order reductions over channels: d dts = dt_w^T @ d(dt_raw); dB, dC = channel sums.
-            dx_dbl[:, :, :R] = torch.einsum("bkdl,kdr->bkrl", part[:, :, :, 0], dt_w)
-            dx_dbl[:, :, R:] = part[:, :, :, 1:].sum(2)
+            torch.sum(part, 2, out=dx_dbl)  # the channel groups' partials, in a fixed order
     else:
         dx_dbl_part = torch.empty(B, C.css_cpu_channel_chunks, K, R + 2 * N, L, **f32)
         C.cross_selective_scan_bwd(x, x_dbl, dt_w, dt_b, A_logs, Ds, dy, du, dx_dbl_part, None, ddt_w_part,
