@@ -12,26 +12,29 @@
 #   report.md        the rows as the README table, with the checks
 #   <gpu-name>-charts.png
 #
-# Usage: bench/gpu_check.sh OUTDIR [--dry-run] [--sweep]
+# Usage: bench/gpu_check.sh OUTDIR [--dry-run] [--sweep] [--no-train]
 #   --dry-run  build nothing, run on the CPU: the quick bench suite and the GPU test selection (skips);
 #              tests this script here, where there is no GPU
 #   --sweep    after the key rows, spend the time left in the budget on the gpu suite's scans
+#   --no-train skip the training run (a rerun after a kernel change that training already covered)
 # Environment: PYTHON (default python3), MEMORYMAMBA_GPU_CHECK_BUDGET_S (default 480: the whole run
 # stays under 8 minutes), MEMORYMAMBA_GIT_SHA (the sha to stamp on rows when the copy has no .git).
 # Each step runs under its own timeout, so a hang loses that step only; the script always exits 0
 # after writing the summary, so OUTDIR comes back; read summary.txt for what failed.
 set -u
 
-usage() { echo "usage: $0 OUTDIR [--dry-run] [--sweep]" >&2; exit 2; }
+usage() { echo "usage: $0 OUTDIR [--dry-run] [--sweep] [--no-train]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1
 shift
 DRY=0
 SWEEP=0
+TRAIN=1
 for arg in "$@"; do
     case $arg in
         --dry-run) DRY=1 ;;
         --sweep) SWEEP=1 ;;
+        --no-train) TRAIN=0 ;;
         *) usage ;;
     esac
 done
@@ -139,7 +142,7 @@ grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | cut -c1-300 | head -40 | tee -a "$
 grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1 | tee -a "$SUMMARY"
 
 # --- the application on the GPU: the default synthetic run, shortened --------------------------------
-if [ "$DRY" -eq 0 ]; then
+if [ "$DRY" -eq 0 ] && [ "$TRAIN" -eq 1 ]; then
     step train 90 "$OUT/tests.log" "$PY" -m memorymamba train --device cuda --epochs 3 --no-progress \
         --output "${TMPDIR:-/tmp}/memorymamba-gpu-check-runs"
     sed -n '/^### train/,$p' "$OUT/tests.log" | grep -iE "epoch|test" | tail -6 | tee -a "$SUMMARY"

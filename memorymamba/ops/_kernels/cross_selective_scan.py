@@ -35,6 +35,26 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+# cuBLAS sums a GEMM's inner dimension in one running fp32 sum per output, so d(x_proj_weight), a sum
+# over L positions, came out 2.5-5x less accurate than the fp32 PyTorch reference's at L = 1480-4087
+# (H200); blocks of positions keep it at the reference's level (emulated on the CPU: one running sum
+# 9x the blocked error at L = 4087).
+_DW_BLOCK = 256
+
+
+def _weight_grad(dx_dbl: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """sum_b dx_dbl_b u_b^T for dx_dbl (B, rows, L) and u (B, D, L): the d(x_proj_weight) GEMM, one bmm
+    per block of positions on CUDA (strided views, no copies), one bmm on the CPU (MKL blocks itself)."""
+    L = u.shape[2]
+    if u.is_cpu:
+        return torch.bmm(dx_dbl, u.transpose(1, 2)).sum(0)
+    dw = None
+    for l0 in range(0, L, _DW_BLOCK):
+        part = torch.bmm(dx_dbl[:, :, l0:l0 + _DW_BLOCK], u[:, :, l0:l0 + _DW_BLOCK].transpose(1, 2))
+        dw = part if dw is None else dw.add_(part)
+    return dw.sum(0)
+
+
 def _x_rows(x: torch.Tensor) -> torch.Tensor:
     """x (B, D, H, W) as fp32 (B, D, L) for the projection GEMMs."""
     B, D, H, W = x.shape
@@ -129,7 +149,7 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.T
     dshift = torch.empty(B, D, **f32) if shift is not None else x.new_empty(0, dtype=torch.float32)
     if not _has_act(shift, silu):
         dx = du.view(B, D, H, W).to(x.dtype)
-        dw = torch.bmm(dx_dbl, _x_rows(x).transpose(1, 2)).sum(0)
+        dw = _weight_grad(dx_dbl, _x_rows(x))
     elif x.is_cuda:
         # u is recomputed into a backward-only temporary so that d(x_proj_weight) stays one cuBLAS GEMM
         # (deterministic, tensor cores) instead of a reduction over B*L in our kernel.
@@ -137,7 +157,7 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.T
         u = torch.empty(B, D, L, **f32)
         C.cross_selective_scan_act_bwd(x, shift, silu, du, dx, dshift if shift is not None else None, None, None,
                                        u)
-        dw = torch.bmm(dx_dbl, u.transpose(1, 2)).sum(0)
+        dw = _weight_grad(dx_dbl, u)
     else:
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         dw_part = torch.empty(B, w.shape[0], D, **f32)
