@@ -8,7 +8,7 @@
 #   tests.log        pytest tests -k "cuda or gpu" (override with MEMORYMAMBA_GPU_TESTS="pytest args"),
 #                    then memorymamba train --device cuda --epochs 3 (the default run, shortened)
 #   bench.log        python -m bench --device cuda --suite gpu-check
-#   <gpu-name>.jsonl the benchmark rows (copy to bench/results/, then `python -m bench.report --update`)
+#   <gpu-name>.jsonl the benchmark rows (append to bench/results/<gpu-name>.jsonl, then `python -m bench.report --update`)
 #   report.md        the rows as the README table, with the checks
 #   <gpu-name>-charts.png
 #
