@@ -317,8 +317,11 @@ def _train(cfg, ckpt, d):
                                             class_weight=class_weight, label_smoothing=cfg.label_smoothing).to(d.device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "memory" not in n.lower()]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "memory" not in n.lower())]
+    # fused: one kernel over all parameters. Torch's default CPU AdamW loops over the ~200 tensors of
+    # memorymamba_nano with ~10 ops each: 8.3-8.9 ms a step against 1.9-2.0 ms fused on 2 cores, ~8% of
+    # a training step at batch 32.
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
     n_train = len(data.labels["train"])
     steps_per_epoch = math.ceil(math.ceil(n_train / d.world) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps_per_epoch * cfg.epochs, cfg.warmup_fraction))
