@@ -158,6 +158,18 @@ def test_fp32_long_sequences(shape, act):
     assert_close_fp32(out, ref, f"cpu fp32 long {shape} {_act_id(act)}", ref32)
 
 
+@pytest.mark.parametrize("L,block", [(600, 256), (256, 256), (5, 256), (97, 8)])
+def test_blocked_weight_grad(L, block):
+    """The CUDA path's d(x_proj_weight) GEMM (one bmm per block of positions, a partial last block),
+    run on the CPU against the fp64 sum."""
+    from memorymamba.ops._kernels.cross_selective_scan import _blocked_weight_grad
+    dx_dbl, u = torch.randn(3, 12, L), torch.randn(3, 7, L).transpose(1, 2).contiguous().transpose(1, 2)
+    want = torch.einsum("bcl,bdl->cd", dx_dbl.double(), u.double())
+    got = _blocked_weight_grad(dx_dbl, u, block)
+    assert got.shape == (12, 7)
+    torch.testing.assert_close(got.double(), want, **FP32_TOL)
+
+
 def test_fused_activation_is_the_unfused_pipeline():
     """x_shift and silu in the op compute the op on u = SiLU(x + x_shift) (the block's unfused path)."""
     inp = make_inputs(2, 6, 7, 5, 2, 3, act=(True, True))

@@ -42,17 +42,21 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 _DW_BLOCK = 256
 
 
-def _weight_grad(dx_dbl: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """sum_b dx_dbl_b u_b^T for dx_dbl (B, rows, L) and u (B, D, L): the d(x_proj_weight) GEMM, one bmm
-    per block of positions on CUDA (strided views, no copies), one bmm on the CPU (MKL blocks itself)."""
-    L = u.shape[2]
-    if u.is_cpu:
-        return torch.bmm(dx_dbl, u.transpose(1, 2)).sum(0)
+def _blocked_weight_grad(dx_dbl: torch.Tensor, u: torch.Tensor, block: int) -> torch.Tensor:
+    """sum_b dx_dbl_b u_b^T for dx_dbl (B, rows, L) and u (B, D, L), one bmm per `block` positions
+    (strided views, no copies)."""
     dw = None
-    for l0 in range(0, L, _DW_BLOCK):
-        part = torch.bmm(dx_dbl[:, :, l0:l0 + _DW_BLOCK], u[:, :, l0:l0 + _DW_BLOCK].transpose(1, 2))
+    for l0 in range(0, u.shape[2], block):
+        part = torch.bmm(dx_dbl[:, :, l0:l0 + block], u[:, :, l0:l0 + block].transpose(1, 2))
         dw = part if dw is None else dw.add_(part)
     return dw.sum(0)
+
+
+def _weight_grad(dx_dbl: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The d(x_proj_weight) GEMM: blocked on CUDA, one bmm on the CPU (MKL blocks its sums itself)."""
+    if u.is_cpu:
+        return torch.bmm(dx_dbl, u.transpose(1, 2)).sum(0)
+    return _blocked_weight_grad(dx_dbl, u, _DW_BLOCK)
 
 
 def _x_rows(x: torch.Tensor) -> torch.Tensor:
