@@ -7,7 +7,8 @@
 #   build.log        setup.py build_ext --inplace (TORCH_CUDA_ARCH_LIST = this GPU's capability)
 #   tests.log        pytest tests -k "cuda or gpu" (override with MEMORYMAMBA_GPU_TESTS="pytest args"),
 #                    then memorymamba train --device cuda --epochs 3 (the default run, shortened)
-#   bench.log        python -m bench --device cuda --suite gpu-check
+#   bench.log        python -m bench --device cuda --suite gpu-check, then python -m bench.profile_model
+#                    (the top ops of a tiny-model training step)
 #   <gpu-name>.jsonl the benchmark rows (append to bench/results/<gpu-name>.jsonl, then `python -m bench.report --update`)
 #   report.md        the rows as the README table, with the checks
 #   <gpu-name>-charts.png
@@ -162,6 +163,14 @@ if [ "$SWEEP" -eq 1 ] && [ "$DRY" -eq 0 ]; then
     step sweep 600 "$OUT/bench.log" \
         "$PY" -m bench --device cuda --suite gpu --ops cross_selective_scan,selective_scan --out "$ROWS"
 fi
+
+# --- where the model's training step spends its time (torch.profiler table into bench.log) ---------
+if [ "$DRY" -eq 1 ]; then
+    PROFILE_ARGS=(--batch 4 --steps 1)
+else
+    PROFILE_ARGS=(--device cuda)
+fi
+step profile 60 "$OUT/bench.log" "$PY" -m bench.profile_model "${PROFILE_ARGS[@]}"
 
 # --- report --------------------------------------------------------------------------------------
 RESERVE=0

@@ -123,3 +123,5 @@ def test_device_check_dry_run_writes_its_files(tmp_path):
     assert {"summary.txt", "env.txt", "bench.log", "cpu-dry-run.jsonl", "report.md"} <= set(names)
     assert len(names) <= 8 and all(os.path.isfile(tmp_path / n) for n in names)
     assert "OK      bench" in (tmp_path / "summary.txt").read_text()
+    assert "OK      profile" in (tmp_path / "summary.txt").read_text()
+    assert "memorymamba_nano, batch 4" in (tmp_path / "bench.log").read_text()  # the profile's table
