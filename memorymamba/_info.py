@@ -24,7 +24,8 @@ def _extension_lines() -> list[str]:
         return [f"extension memorymamba._C: not usable: {_C_ERROR}"]
     lines = [f"extension memorymamba._C: built against torch {_C.torch_version}"]
     if _C.with_cuda:
-        lines.append(f"  CUDA kernels: built for archs {_C.cuda_archs or '(unknown)'}")
+        lines.append(f"  CUDA kernels: built for archs {_C.cuda_archs or '(unknown)'}; fused scan: "
+                     f"{_C.css_cuda_block_channels} channels per block, {_C.css_cuda_segment_len}-step segments")
     else:
         lines.append("  CUDA kernels: not built (CPU kernels only)")
     try:

@@ -54,6 +54,8 @@ def test_info_mentions_each_backend():
         assert f"  {backend}: " + ("available" if reason is None else f"unavailable: {reason}") in text
     assert "built against torch" in text and "CUDA kernels:" in text
     assert f"CPU scan kernels: {_extension().css_cpu_vector()}" in text
+    if _extension().with_cuda:  # CI's build has the CUDA kernels, so this runs there
+        assert f"{_extension().css_cuda_block_channels} channels per block" in text
 
 
 def test_info_names_the_forced_cpu_vector_build(monkeypatch):
