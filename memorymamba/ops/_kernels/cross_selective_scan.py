@@ -14,7 +14,7 @@ recomputed fully in backward (no saved states). The x_proj GEMM's backward is fu
 kernel's du: dL/du = du + x_proj_weight^T @ d(x_dbl) in one baddbmm; then the activation's backward
 (cross_selective_scan_act_bwd) gives dx = act'(x + x_shift) dL/du and d(x_shift) (its per-(b, d)
 sum, no atomics) and, on CPU, d(x_proj_weight) from u rows recomputed in a buffer; on CUDA it writes u
-to a backward-only temporary for one cuBLAS GEMM.
+to a backward-only temporary for cuBLAS (one GEMM per block of positions).
 
 Determinism: CPU always (fixed-order reductions over a fixed number of channel chunks). CUDA: a block
 sums the d(x_dbl) terms of its css_cuda_block_channels channels in a fixed order; `deterministic=True`
@@ -155,8 +155,8 @@ def _core_bwd(dy: torch.Tensor, x: torch.Tensor, x_dbl: torch.Tensor, w: torch.T
         dx = du.view(B, D, H, W).to(x.dtype)
         dw = _weight_grad(dx_dbl, _x_rows(x))
     elif x.is_cuda:
-        # u is recomputed into a backward-only temporary so that d(x_proj_weight) stays one cuBLAS GEMM
-        # (deterministic, tensor cores) instead of a reduction over B*L in our kernel.
+        # u is recomputed into a backward-only temporary so that d(x_proj_weight) stays cuBLAS GEMMs
+        # (deterministic) instead of a reduction over B*L in our kernel.
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         u = torch.empty(B, D, L, **f32)
         C.cross_selective_scan_act_bwd(x, shift, silu, du, dx, dshift if shift is not None else None, None, None,
