@@ -211,6 +211,27 @@ def test_cpu_empty_batch():
     _check_empty_batch("cpu")
 
 
+def test_cpu_gate_of_very_negative_z_and_the_callers_denormal_mode():
+    """silu(z) for z < -88 is where the compiled exp's clamp makes denormal intermediates: the CPU
+    kernels flush them inside (FlushDenormals) and must leave this thread's float mode as it was."""
+    require_backend("cpu", OP)
+    assert (torch.tensor([1e-38]) / 4).item() != 0  # denormals are kept here before the call
+    g = torch.Generator().manual_seed(3)
+    B, D, L, N = 2, 4, 70, 2
+    u, delta = torch.randn(B, D, L, generator=g), torch.rand(B, D, L, generator=g)
+    A, Bv, Cv = -torch.rand(D, N, generator=g) - 0.5, torch.randn(B, 1, N, L, generator=g), torch.randn(B, 1, N, L, generator=g)
+    z = torch.randn(B, D, L, generator=g) * 60 - 60  # down to ~-300
+    for x in (u, delta, z):
+        x.requires_grad_(True)
+    out = selective_scan_fn(u, delta, A, Bv, Cv, z=z, backend="cpu")
+    out.sum().backward()
+    assert (torch.tensor([1e-38]) / 4).item() != 0, "the kernel left flush-to-zero on in the caller's thread"
+    ref = selective_scan_ref(u.detach().double(), delta.detach().double(), A.double(), Bv.double(), Cv.double(),
+                             z=z.detach().double())
+    assert_close("gate of very negative z", out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(u.grad).all() and torch.isfinite(z.grad).all()
+
+
 def test_cpu_deterministic():
     require_backend("cpu", OP)
     inputs = make_inputs(1, 6, 700, 2, 1, 1, True, True, True, True, torch.float32, "cpu")

@@ -479,6 +479,7 @@ void proj_cpu(const ProjParams& p) {
   const int64_t spans = (L + span - 1) / span;
   const T* x = static_cast<const T*>(p.x);
   at::parallel_for(0, int64_t(p.batch) * spans, 1, [&](int64_t begin, int64_t end) {
+    memorymamba::FlushDenormals ftz;
     std::vector<float> u(D * span);
     std::vector<int64_t> off(span);
     for (int64_t task = begin; task < end; ++task) {
@@ -554,6 +555,7 @@ void act_bwd_cpu(const ActBwdParams& p) {
       kProjTile, std::min(kProjSpan, kProjBufferFloats / L / kProjTile * kProjTile));
   const int64_t chunks = (D + chunk - 1) / chunk;
   at::parallel_for(0, int64_t(p.batch) * chunks, 1, [&](int64_t begin, int64_t end) {
+    memorymamba::FlushDenormals ftz;
     std::vector<float> buf(2 * L + L * chunk);
     float *z = buf.data(), *g = z + L, *ut = g + L;
     for (int64_t task = begin; task < end; ++task) {
@@ -645,6 +647,7 @@ void fwd_cpu(const FwdParams& p) {
   const std::vector<int32_t> perm = direction_permutations(p.height, p.width);
   T* y = static_cast<T*>(p.y);
   at::parallel_for(0, int64_t(p.batch) * groups, 1, [&](int64_t begin, int64_t end) {
+    memorymamba::FlushDenormals ftz;
     std::vector<float> buf(3 * kL * Lp);
     float *rows = buf.data(), *u_il = rows + kL * Lp, *y_il = u_il + kL * Lp;
     DirLanes<V> q;
@@ -682,6 +685,7 @@ void bwd_cpu(const BwdParams& p) {
   const int64_t groups = (D + kL - 1) / kL;
   const std::vector<int32_t> perm = direction_permutations(p.height, p.width);
   at::parallel_for(0, int64_t(p.batch) * kCpuChannelChunks, 1, [&](int64_t begin, int64_t end) {
+    memorymamba::FlushDenormals ftz;
     std::vector<float> buf((4 + rec_size(N)) * kL * Lp);
     float *rows = buf.data(), *u_il = rows + kL * Lp, *g_il = u_il + kL * Lp, *du_il = g_il + kL * Lp;
     float* rec = du_il + kL * Lp;

@@ -115,6 +115,7 @@ template <typename T>
 void fwd_cpu(const FwdParams& P) {
   const int D = P.dim;
   at::parallel_for(0, P.batch, 1, [&](int64_t b0, int64_t b1) {
+    memorymamba::FlushDenormals ftz;
     Scratch t(D, max_hidden(P), max_cells(P));
     for (int64_t b = b0; b < b1; ++b) {
       const T* f = static_cast<const T*>(P.f) + b * P.f_batch_stride;
@@ -140,6 +141,7 @@ void fwd_cpu(const FwdParams& P) {
 void bwd_cpu(const BwdParams& P) {
   const int D = P.dim;
   at::parallel_for(0, P.batch, 1, [&](int64_t b0, int64_t b1) {
+    memorymamba::FlushDenormals ftz;
     Scratch t(D, max_hidden(P), max_cells(P));
     std::vector<float> dp(D);
     for (int64_t b = b0; b < b1; ++b) {
@@ -194,6 +196,7 @@ void bwd_cpu(const BwdParams& P) {
     // The two D-wide matrices row by row (vectorised along D); the small middle part
     // (db1, dw2, db2) element by element as on the GPU. Every element sums b = 0..B-1 in order.
     at::parallel_for(0, Hd + m, 1, [&](int64_t r0, int64_t r1) {
+      memorymamba::FlushDenormals ftz;
       for (int64_t r = r0; r < r1; ++r) {
         if (r < Hd)
           batch_outer_row(g.g_pre + r, Hd, P.p, D, P.batch, D, g.dw1 + r * D);
@@ -203,6 +206,7 @@ void bwd_cpu(const BwdParams& P) {
     });
     const int64_t mid0 = int64_t(Hd) * D, mid1 = mid0 + Hd + int64_t(m) * Hd + m;
     at::parallel_for(mid0, mid1, 256, [&](int64_t e0, int64_t e1) {
+      memorymamba::FlushDenormals ftz;
       for (int64_t e = e0; e < e1; ++e) reduce_param_element(P, k, e);
     });
   }

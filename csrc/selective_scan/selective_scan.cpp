@@ -279,6 +279,7 @@ template <typename input_t>
 void fwd_cpu_kernel(const SSFwdParams& p) {
   const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
+    memorymamba::FlushDenormals ftz;
 #ifdef MM_CPU_AVX2
     if (avx2) return fwd_cpu_rows_avx2<input_t>(p, begin, end);
 #endif
@@ -474,6 +475,7 @@ void bwd_cpu_kernel(const SSBwdParams& p) {
   const BwdTasks t{S, dB_base, dC_base, w};
   const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, p.batch * G * S, 1, [&](int64_t begin, int64_t end) {
+    memorymamba::FlushDenormals ftz;
 #ifdef MM_CPU_AVX2
     if (avx2) return bwd_cpu_tasks_avx2<input_t>(p, t, begin, end);
 #endif
