@@ -1,5 +1,6 @@
 // CPU-only helpers shared by the ops' CPU kernels: function multi-versioning for the vectorisable
-// loops, the instruction set the hand-dispatched kernels use, and a fixed-order dot product.
+// loops, the float mode their tasks run in (flush-to-zero), the instruction set the hand-dispatched
+// kernels use, and a fixed-order dot product.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -34,6 +35,8 @@ class FlushDenormals {
 #if defined(__x86_64__) || defined(_M_X64)
   FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFtzDaz); }
   ~FlushDenormals() { _mm_setcsr(saved_); }
+#else
+  FlushDenormals() = default;
 #endif
   FlushDenormals(const FlushDenormals&) = delete;
   FlushDenormals& operator=(const FlushDenormals&) = delete;
