@@ -1,10 +1,11 @@
 """Where a MemoryMamba training step spends its time: torch.profiler over a few steps, the top ops.
 
-Forward (under autocast on a GPU), cross-entropy, backward and a fused AdamW step, as in training;
-the table is sorted by device time on a GPU and by CPU time on a CPU. bench/gpu_check.sh runs it
-after the benchmark rows, so a GPU session shows which kernels dominate the model step.
+The step is the bench's `model` train row (bench.bench_model: forward under autocast, cross-entropy,
+backward, AdamW) with the compiled kernels; the table is sorted by device time on a GPU and by CPU
+time on a CPU. bench/gpu_check.sh runs it after the benchmark rows, so a GPU session shows which
+kernels dominate the model step.
 
-    python -m bench.profile_model                       # CPU: memorymamba_nano, batch 32, 64x64 grey
+    python -m bench.profile_model                       # CPU: memorymamba_nano, batch 32, 64x64, fp32
     python -m bench.profile_model --device cuda         # GPU: memorymamba_tiny, batch 128, 224x224, bf16
 """
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import memorymamba
-from bench.bench_block import autocast
+from bench.bench_model import make_case
 
 
 def main(argv=None) -> int:
@@ -34,20 +33,15 @@ def main(argv=None) -> int:
     name = args.model or ("memorymamba_tiny" if cuda else "memorymamba_nano")
     batch = args.batch or (128 if cuda else 32)
     img = args.img or (224 if cuda else 64)
-    chans, classes = (3, 1000) if cuda else (1, 6)  # the CPU default is the synthetic training run's
     dtype = torch.bfloat16 if cuda else torch.float32
-    torch.manual_seed(0)
-    model = memorymamba.create_model(name, num_classes=classes, in_chans=chans, drop_path_rate=0.0).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
-    x = torch.randn(batch, chans, img, img, device=args.device)
-    y = torch.randint(0, classes, (batch,), device=args.device)
+    case = make_case(name, batch, img, dtype, args.device, modes=("train",), num_classes=1000 if cuda else 6)
+    kernels = case.providers[0]
+    if kernels.why_not:
+        ap.error(f"no compiled kernels to profile: {kernels.why_not}")
+    train, inputs = case.custom_modes["train"], case.make_inputs()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(args.device, dtype):
-            logits = model(x)
-        F.cross_entropy(logits.float(), y).backward()
-        opt.step()
+        train(kernels.fn, inputs)
 
     for _ in range(2):
         step()
@@ -57,7 +51,7 @@ def main(argv=None) -> int:
             step()
         if cuda:
             torch.cuda.synchronize()
-    print(f"{name}, batch {batch}, {img}x{img}x{chans}, {dtype}, {args.device}: {args.steps} training steps")
+    print(f"{name}, batch {batch}, {img}x{img}, {dtype}, {args.device}: {args.steps} training steps")
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
     return 0
